@@ -1,0 +1,29 @@
+# Two entry points: `make repro` runs the whole DVC pipeline, `make test` runs the tests.
+# Each creates the virtual environment on first use.
+VENV := .venv
+STAMP := $(VENV)/.installed
+TCMALLOC := /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4
+
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export NO_ALBUMENTATIONS_UPDATE := 1
+export DVC_NO_ANALYTICS := 1
+export PYTHONUNBUFFERED := 1
+# tcmalloc avoids page-fault stalls in CPU training; used when the system has it.
+ifneq ($(wildcard $(TCMALLOC)),)
+export LD_PRELOAD := $(TCMALLOC)
+endif
+
+.PHONY: repro test install
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q -U pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+repro: $(STAMP)
+	dvc repro
+
+test: $(STAMP)
+	pytest -q

@@ -1,0 +1,85 @@
+"""The command line: one thin typer command per DVC stage.
+
+Each command parses options, loads params.yaml once into typed settings and calls
+the stage's plain `run` function. Heavy libraries are imported inside commands so
+`pipeline --help` stays fast. Known input problems exit with a one-line error.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Callable, TypeVar
+
+import typer
+
+app = typer.Typer(help="Ultrasound nerve segmentation pipeline: one command per DVC stage.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read the stage's settings from.")]
+F = TypeVar("F", bound=Callable[..., object])
+
+
+def friendly_errors(func: F) -> F:
+    """Turn the pipeline's own error types into a clear message and exit code 1, not a traceback."""
+    @functools.wraps(func)
+    def wrapper(*args: object, **kwargs: object) -> object:
+        from pipeline.io import InputError
+        from pipeline.params import ParamsError
+        from pipeline.rle import RLEError, SubmissionError
+
+        known: tuple[type[Exception], ...] = (InputError, ParamsError, RLEError, SubmissionError)
+        try:
+            from pipeline.model import CheckpointError
+            known += (CheckpointError,)
+        except ImportError:  # torch missing: only the torch-free commands can run anyway
+            pass
+        try:
+            return func(*args, **kwargs)
+        except known as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+    return wrapper  # type: ignore[return-value]
+
+
+def _echo_summary(summary: dict) -> None:
+    for key, value in summary.items():
+        typer.echo(f"{key}: {value}")
+
+
+@app.command()
+@friendly_errors
+def synth(out: Annotated[Path, typer.Option(help="Folder to write the Kaggle-layout dataset to.")],
+          params: ParamsOpt = Path("params.yaml")) -> None:
+    """Generate the embedded synthetic ultrasound dataset (train/, test/, truth/)."""
+    from pipeline import synth as stage
+    from pipeline.params import load_params
+
+    p = load_params(params)
+    _echo_summary(stage.run(p.synth, p.seed, out))
+
+
+@app.command()
+@friendly_errors
+def load(raw: Annotated[Path, typer.Option(help="Kaggle-layout folder with train/ and test/.")],
+         out: Annotated[Path, typer.Option(help="Folder for the arrays and manifest.")],
+         metrics: Annotated[Path, typer.Option(help="Where to write the summary metrics JSON.")],
+         params: ParamsOpt = Path("params.yaml")) -> None:
+    """Read and validate the images and masks into compact arrays plus a manifest."""
+    from pipeline import load as stage
+    from pipeline.params import load_params
+
+    load_params(params)  # validate the whole file before any work
+    _echo_summary(stage.run(raw, out, metrics))
+
+
+@app.command()
+@friendly_errors
+def validate(submission: Annotated[Path, typer.Argument(help="Submission CSV to check.")],
+             test_dir: Annotated[Path | None, typer.Option(help="Folder of test images N.tif: every id must appear once.")] = None,
+             height: int = 420, width: int = 580) -> None:
+    """Check a submission file: header, ids, and every run-length string."""
+    from pipeline.rle import validate_submission
+
+    ids = sorted(p.stem for p in test_dir.glob("*.tif")) if test_dir else None
+    rows = validate_submission(submission, ids, (height, width))
+    typer.echo(f"{submission}: valid ({rows} rows)")
