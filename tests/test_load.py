@@ -1,0 +1,122 @@
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import load
+from pipeline.io import InputError, read_json
+
+
+@pytest.fixture
+def raw(tiny_raw, tmp_path):
+    """A private copy of the tiny dataset that a test may break."""
+    return shutil.copytree(tiny_raw, tmp_path / "raw")
+
+
+def _run(raw, tmp_path):
+    return load.run(raw, tmp_path / "interim", tmp_path / "metrics.json")
+
+
+def test_loads_arrays_manifest_and_metrics(tiny_interim, tiny_raw):
+    manifest = load.read_manifest(tiny_interim)
+    images, masks = load.open_arrays(tiny_interim, "train")
+    test_images, _ = load.open_arrays(tiny_interim, "test")
+    train = manifest[manifest.split == "train"]
+    assert images.shape == masks.shape == (30, 96, 128) and test_images.shape == (6, 96, 128)
+    assert set(np.unique(masks)) <= {0, 1}
+    row = train[train.id == "2_5"].iloc[0]
+    with Image.open(tiny_raw / "train" / "2_5.tif") as img:
+        assert np.array_equal(images[row.row], np.asarray(img))
+    with Image.open(tiny_raw / "train" / "2_5_mask.tif") as img:
+        assert np.array_equal(masks[row.row], np.asarray(img) > 0)
+    assert row.subject == 2 and row.frame == 5
+    assert (train.mask_area == masks.reshape(30, -1).sum(1)[train.row]).all()
+    assert (train.has_mask == (train.mask_area > 0)).all()
+    assert sorted(manifest[manifest.split == "test"].id, key=int) == [str(i) for i in range(1, 7)]
+    metrics = read_json(tiny_interim.parent / "load_metrics.json")
+    assert metrics["train_images"] == 30 and metrics["subjects"] == 3
+    assert metrics["empty_fraction"] == pytest.approx(1 - train.has_mask.mean(), abs=1e-4)
+
+
+def _expect_error(raw, tmp_path, *fragments):
+    with pytest.raises(InputError) as info:
+        _run(raw, tmp_path)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+    assert not (tmp_path / "interim").exists(), "no partial output on bad input"
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_zero_byte_image(raw, tmp_path):
+    (raw / "train" / "1_3.tif").write_bytes(b"")
+    _expect_error(raw, tmp_path, "1_3.tif", "0 bytes")
+
+
+def test_truncated_image(raw, tmp_path):
+    path = raw / "test" / "2.tif"
+    path.write_bytes(path.read_bytes()[:300])
+    _expect_error(raw, tmp_path, "2.tif", "truncated")
+
+
+def test_garbage_file(raw, tmp_path):
+    (raw / "train" / "1_4_mask.tif").write_bytes(b"not an image at all" * 10)
+    _expect_error(raw, tmp_path, "1_4_mask.tif", "unreadable")
+
+
+def test_image_without_mask_and_mask_without_image(raw, tmp_path):
+    (raw / "train" / "1_2_mask.tif").unlink()
+    (raw / "train" / "3_1.tif").unlink()
+    _expect_error(raw, tmp_path, "1_2.tif: image has no mask", "3_1_mask.tif: mask has no image")
+
+
+def test_shape_mismatch(raw, tmp_path):
+    Image.fromarray(np.zeros((50, 60), np.uint8)).save(raw / "train" / "2_2.tif")
+    _expect_error(raw, tmp_path, "2_2.tif", "50x60")
+
+
+def test_rgb_and_16_bit_refused(raw, tmp_path):
+    Image.fromarray(np.zeros((96, 128, 3), np.uint8)).save(raw / "train" / "2_3.tif")
+    Image.fromarray(np.zeros((96, 128), np.uint16)).save(raw / "test" / "1.tif")
+    _expect_error(raw, tmp_path, "2_3.tif", "1.tif", "8-bit grayscale")
+
+
+def test_mask_values_not_binary(raw, tmp_path):
+    Image.fromarray(np.full((96, 128), 7, np.uint8)).save(raw / "train" / "2_4_mask.tif")
+    _expect_error(raw, tmp_path, "2_4_mask.tif", "not binary")
+
+
+def test_non_numeric_ids_and_stray_files(raw, tmp_path):
+    shutil.copy(raw / "test" / "1.tif", raw / "test" / "abc.tif")
+    shutil.copy(raw / "train" / "1_1.tif", raw / "train" / "x_1.tif")
+    _expect_error(raw, tmp_path, "abc.tif", "x_1.tif", "numeric")
+
+
+def test_empty_test_folder(raw, tmp_path):
+    for path in (raw / "test").iterdir():
+        path.unlink()
+    _expect_error(raw, tmp_path, "no test images")
+
+
+def test_missing_folders(tmp_path):
+    (tmp_path / "raw").mkdir()
+    _expect_error(tmp_path / "raw", tmp_path, "train", "folder not found")
+    with pytest.raises(InputError, match="data folder not found"):
+        load.run(tmp_path / "absent", tmp_path / "o", tmp_path / "m.json")
+
+
+def test_zero_one_masks_accepted(raw, tmp_path):
+    mask = np.zeros((96, 128), np.uint8)
+    mask[20:30, 40:50] = 1
+    Image.fromarray(mask).save(raw / "train" / "1_1_mask.tif")
+    summary = _run(raw, tmp_path)
+    assert summary["train_images"] == 30
+    manifest = load.read_manifest(tmp_path / "interim")
+    assert manifest.set_index("id").loc["1_1", "mask_area"] == 100
+
+
+def test_rerun_replaces_output(raw, tmp_path):
+    _run(raw, tmp_path)
+    (tmp_path / "interim" / "stale.txt").write_text("old")
+    _run(raw, tmp_path)
+    assert not (tmp_path / "interim" / "stale.txt").exists()
