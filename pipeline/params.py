@@ -9,7 +9,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -26,7 +26,17 @@ def _range(ge: float | None = None, le: float | None = None, gt: float | None = 
 
 @dataclass(frozen=True)
 class DataParams:
+    """Where the dataset is and how it is laid out; see the README's "Dataset layouts"."""
     raw_dir: str = "data/raw/synthetic"
+    layout: Literal["ultrasound", "folders", "csv"] = "ultrasound"
+    channels: Literal["gray", "rgb"] = "gray"
+    csv_file: str = "train.csv"
+    id_column: str = "id"
+    rle_column: str = "rle_mask"
+    group_column: Optional[str] = None
+    rle_order: Literal["column", "row"] = "column"
+    rle_start: Literal[0, 1] = 1
+    submission_columns: tuple[str, ...] = ("img", "pixels")
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,9 @@ class Params:
 
 def _coerce(key: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
     origin = typing.get_origin(hint)
+    if origin is Union and type(None) in typing.get_args(hint):
+        inner = next(a for a in typing.get_args(hint) if a is not type(None))
+        return None if value is None else _coerce(key, value, inner, meta)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, key)
     if origin is Literal:
@@ -179,6 +192,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 
 
 def _check_cross_fields(p: Params) -> None:
+    if len(p.data.submission_columns) != 2:
+        raise ParamsError("data.submission_columns: needs exactly two names (id column, RLE column)")
     if p.train.train_folds > p.train.folds:
         raise ParamsError(f"train.train_folds: {p.train.train_folds} is more than train.folds ({p.train.folds})")
     if len(p.train.decoder_channels) != p.train.encoder_depth:

@@ -1,7 +1,8 @@
 """Kaggle run-length encoding: 1-indexed, column-major `start length` pairs.
 
 Pixels are numbered top to bottom, then left to right (Fortran order), from 1.
-An empty mask encodes to the empty string.
+An empty mask encodes to the empty string. Other competitions number pixels
+row-major or from 0: `order="C"` and `start=0` cover those.
 
 >>> import numpy as np
 >>> m = np.zeros((3, 2), dtype=bool); m[1:, 0] = True; m[0, 1] = True
@@ -28,17 +29,17 @@ class SubmissionError(ValueError):
     """A submission file that Kaggle would reject or mis-score."""
 
 
-def encode(mask: np.ndarray) -> str:
-    """Encode a 2-D mask (nonzero = foreground) as Kaggle RLE."""
+def encode(mask: np.ndarray, order: str = "F", start: int = 1) -> str:
+    """Encode a 2-D mask (nonzero = foreground) as RLE; Kaggle ultrasound defaults."""
     if mask.ndim != 2:
         raise RLEError(f"expected a 2-D mask, got shape {mask.shape}")
-    flat = np.concatenate([[False], mask.ravel(order="F") != 0, [False]])
-    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # 1-indexed starts and (exclusive) ends
+    flat = np.concatenate([[False], mask.ravel(order=order) != 0, [False]])
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + start  # starts and (exclusive) ends
     edges[1::2] -= edges[::2]
     return " ".join(map(str, edges))
 
 
-def parse_runs(rle: str, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
+def parse_runs(rle: str, n_pixels: int, start: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Parse and check an RLE string; returns 1-indexed starts and lengths."""
     text = "" if rle is None else str(rle).strip()
     if not text or text == "nan":
@@ -49,9 +50,9 @@ def parse_runs(rle: str, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
         raise RLEError(f"non-integer value in {text[:40]!r}") from None
     if numbers.size % 2:
         raise RLEError(f"odd number of values ({numbers.size}); expected start/length pairs")
-    starts, lengths = numbers[::2], numbers[1::2]
+    starts, lengths = numbers[::2] + (1 - start), numbers[1::2]
     if (starts < 1).any():
-        raise RLEError(f"start {starts[starts < 1][0]} is below 1 (starts are 1-indexed)")
+        raise RLEError(f"start {starts[starts < 1][0] - (1 - start)} is below {start} (starts are {start}-indexed)")
     if (lengths < 1).any():
         raise RLEError(f"run length {lengths[lengths < 1][0]} is not positive")
     ends = starts + lengths - 1
@@ -63,14 +64,14 @@ def parse_runs(rle: str, n_pixels: int) -> tuple[np.ndarray, np.ndarray]:
     return starts, lengths
 
 
-def decode(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE) -> np.ndarray:
-    """Decode Kaggle RLE into a boolean mask of `shape` (rows, cols)."""
+def decode(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE, order: str = "F", start: int = 1) -> np.ndarray:
+    """Decode RLE into a boolean mask of `shape` (rows, cols); Kaggle ultrasound defaults."""
     n = shape[0] * shape[1]
-    starts, lengths = parse_runs(rle, n)
+    starts, lengths = parse_runs(rle, n, start)
     delta = np.zeros(n + 1, dtype=np.int32)
     np.add.at(delta, starts - 1, 1)
     np.add.at(delta, starts - 1 + lengths, -1)
-    return (np.cumsum(delta[:-1]) > 0).reshape(shape, order="F")
+    return (np.cumsum(delta[:-1]) > 0).reshape(shape, order=order)
 
 
 def validate_submission(path: str | Path, expected_ids: Iterable[str] | None = None,
