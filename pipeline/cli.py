@@ -60,7 +60,7 @@ def synth(out: Annotated[Path, typer.Option(help="Folder to write the Kaggle-lay
 
 @app.command()
 @friendly_errors
-def load(raw: Annotated[Path, typer.Option(help="Kaggle-layout folder with train/ and test/.")],
+def load(raw: Annotated[Path, typer.Option(help="Dataset folder (layout per data.layout).")],
          out: Annotated[Path, typer.Option(help="Folder for the arrays and manifest.")],
          metrics: Annotated[Path, typer.Option(help="Where to write the summary metrics JSON.")],
          params: ParamsOpt = Path("params.yaml")) -> None:
@@ -68,8 +68,7 @@ def load(raw: Annotated[Path, typer.Option(help="Kaggle-layout folder with train
     from pipeline import load as stage
     from pipeline.params import load_params
 
-    load_params(params)  # validate the whole file before any work
-    _echo_summary(stage.run(raw, out, metrics))
+    _echo_summary(stage.run(raw, load_params(params).data, out, metrics))
 
 
 @app.command()

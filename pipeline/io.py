@@ -90,28 +90,52 @@ def write_tiff(path: str | Path, array: np.ndarray) -> None:
                                                                           compression="tiff_lzw")
 
 
-def read_gray(path: str | Path) -> np.ndarray:
-    """Read an 8-bit grayscale image (TIFF incl. LZW, PNG, JPEG) as a uint8 array.
-
-    Raises InputError naming the file for unreadable, truncated or non-8-bit-grayscale input:
-    silently converting 16-bit or colour data would hide a wrong dataset.
-    """
-    path = Path(path)
+def _open(path: Path) -> tuple[str, np.ndarray]:
     try:
         with Image.open(path) as img:
-            mode = img.mode
             img.load()
-            array = np.asarray(img)
+            mode = img.mode
+            if mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr"):
+                img, mode = img.convert("RGB"), "RGB"
+            return mode, np.asarray(img)
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except (OSError, SyntaxError, ValueError) as exc:
         reason = "empty file (0 bytes)" if path.stat().st_size == 0 else f"unreadable or truncated image ({exc})"
         raise InputError(f"{path}: {reason}") from None
-    if mode not in ("L", "1", "P") or array.ndim != 2:
-        raise InputError(f"{path}: expected 8-bit grayscale, got mode {mode!r} with shape {array.shape}")
-    if mode == "P":
-        raise InputError(f"{path}: palette image; expected 8-bit grayscale")
-    return array.astype(np.uint8, copy=False) if mode == "L" else array.astype(np.uint8) * 255
+
+
+def read_image(path: str | Path, channels: str = "gray") -> tuple[np.ndarray, str]:
+    """Read an 8-bit image as uint8 (H,W) for `gray` or (H,W,3) for `rgb`; returns (array, source mode).
+
+    Colour images are converted to luminance for `gray` (the caller reports how many);
+    16-bit and float images are refused: their intensity scale (12-bit? windowed?) cannot be guessed.
+    """
+    path = Path(path)
+    mode, array = _open(path)
+    if mode == "1":
+        array = array.astype(np.uint8) * 255
+    elif mode not in ("L", "RGB"):
+        raise InputError(f"{path}: {mode} image ({array.dtype}); expected 8-bit grayscale or RGB")
+    if channels == "gray" and array.ndim == 3:
+        array = np.asarray(Image.fromarray(array).convert("L"))
+    elif channels == "rgb" and array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=2)
+    return np.ascontiguousarray(array, dtype=np.uint8), mode
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a binary mask file as bool (H,W): 0/255, 0/1 (8-bit) or 0/65535 (16-bit) encodings."""
+    path = Path(path)
+    mode, array = _open(path)
+    if array.ndim != 2:
+        raise InputError(f"{path}: mask has {array.shape[2]} channels; expected a single-channel mask")
+    values = np.unique(array)
+    if mode == "1" or set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255} \
+            or set(values.tolist()) <= {0, 65535}:
+        return array > 0
+    raise InputError(f"{path}: mask values {values[:6].tolist()} are not binary "
+                     f"(0/255, 0/1 or 16-bit 0/65535)")
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> None:

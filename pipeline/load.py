@@ -1,126 +1,93 @@
-"""Load stage: a Kaggle-layout folder -> compact uint8 arrays + a manifest.
+"""Load stage: a dataset folder -> compact uint8 arrays + a manifest.
 
-Reads `train/S_I.tif`, `train/S_I_mask.tif` and `test/N.tif`, checks everything
-(pairing, readability, shape, mask values, ids) and reports all problems at once,
-naming each file. Writes `train_images.npy`, `train_masks.npy` (0/1),
-`test_images.npy` and `manifest.csv` into one directory, atomically.
+The layout adapter (`pipeline.layouts`, chosen by `data.layout`) lists the files;
+this stage reads every image and mask, checks them (readability, shape, mask
+values, pairing, ids) and reports all problems at once, naming each file.
+Writes `train_images.npy`, `train_masks.npy` (0/1), `test_images.npy` and
+`manifest.csv` into one directory, atomically. Images are (N,H,W) for
+`data.channels: gray` and (N,H,W,3) for `rgb`; the native size is recorded in the
+manifest so nothing downstream assumes 420x580.
 """
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline.io import InputError, atomic_dir, read_gray, write_csv, write_json, write_npy
+from pipeline import layouts, rle
+from pipeline.io import InputError, atomic_dir, read_image, read_mask, write_csv, write_json, write_npy
+from pipeline.params import DataParams
 
-TRAIN_IMAGE = re.compile(r"^(\d+)_(\d+)\.tif$")
-TRAIN_MASK = re.compile(r"^(\d+)_(\d+)_mask\.tif$")
-TEST_IMAGE = re.compile(r"^(\d+)\.tif$")
-MAX_LISTED = 20
-
-
-def _fail(problems: list[str]) -> None:
-    if problems:
-        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise InputError(f"{len(problems)} problem(s) in the input data:\n  - "
-                         + "\n  - ".join(problems[:MAX_LISTED]) + more)
+T = TypeVar("T")
+MANIFEST_COLUMNS = ["id", "split", "row", "subject", "frame", "has_mask", "mask_area", "height", "width",
+                    "path", "mask_path"]
 
 
-def scan(raw_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Pair train images with masks and list test images; every stray or unpaired file is a problem."""
-    problems: list[str] = []
-    for sub in ("train", "test"):
-        if not (raw_dir / sub).is_dir():
-            problems.append(f"{raw_dir / sub}: folder not found (expected the Kaggle layout train/ and test/)")
-    _fail(problems)
-    images, masks = {}, {}
-    for path in sorted((raw_dir / "train").iterdir()):
-        if path.name.startswith("."):
-            continue
-        if m := TRAIN_MASK.match(path.name):
-            masks[(int(m[1]), int(m[2]))] = path
-        elif m := TRAIN_IMAGE.match(path.name):
-            images[(int(m[1]), int(m[2]))] = path
-        else:
-            problems.append(f"{path}: name does not match S_I.tif or S_I_mask.tif (numeric subject and frame)")
-    problems += [f"{images[k]}: image has no mask ({k[0]}_{k[1]}_mask.tif)" for k in sorted(set(images) - set(masks))]
-    problems += [f"{masks[k]}: mask has no image ({k[0]}_{k[1]}.tif)" for k in sorted(set(masks) - set(images))]
-    tests = {}
-    for path in sorted((raw_dir / "test").iterdir()):
-        if path.name.startswith("."):
-            continue
-        if m := TEST_IMAGE.match(path.name):
-            tests[int(m[1])] = path
-        else:
-            problems.append(f"{path}: name does not match N.tif (numeric id)")
-    if not images and not masks:
-        problems.append(f"{raw_dir / 'train'}: no training images found")
-    if not tests:
-        problems.append(f"{raw_dir / 'test'}: no test images found")
-    _fail(problems)
-    keys = sorted(images)
-    train = pd.DataFrame({
-        "id": [f"{s}_{i}" for s, i in keys], "subject": [s for s, _ in keys], "frame": [i for _, i in keys],
-        "path": [str(images[k]) for k in keys], "mask_path": [str(masks[k]) for k in keys]})
-    ids = sorted(tests)
-    test = pd.DataFrame({"id": [str(n) for n in ids], "path": [str(tests[n]) for n in ids]})
-    return train, test
-
-
-def _read_all(paths: list[str], desc: str, problems: list[str]) -> list[np.ndarray | None]:
-    def read(p: str) -> np.ndarray | None:
+def _read_all(items: list[str], reader: Callable[[str], T], desc: str, problems: list[str]) -> list[T | None]:
+    """Read in a thread pool (decoding releases the GIL); failures become problems, not exceptions."""
+    def read(item: str) -> T | None:
         try:
-            return read_gray(p)
-        except InputError as exc:
+            return reader(item)
+        except (InputError, rle.RLEError) as exc:
             problems.append(str(exc))
             return None
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(tqdm(pool.map(read, paths), total=len(paths), desc=desc, unit="img", mininterval=1.0))
+        return list(tqdm(pool.map(read, items), total=len(items), desc=desc, unit="img", mininterval=1.0))
 
 
-def _stack(arrays: list[np.ndarray | None], paths: list[str], shape: tuple[int, int], problems: list[str]) -> np.ndarray:
-    out = np.zeros((len(arrays),) + shape, np.uint8)
-    for k, (a, p) in enumerate(zip(arrays, paths)):
+def _stack(arrays: list[np.ndarray | None], names: list[str], shape: tuple[int, ...], problems: list[str],
+           dtype: type = np.uint8) -> np.ndarray:
+    out = np.zeros((len(arrays),) + shape, dtype)
+    for k, (a, name) in enumerate(zip(arrays, names)):
         if a is None:
             continue
-        if a.shape != shape:
-            problems.append(f"{p}: shape {a.shape[0]}x{a.shape[1]} differs from the dataset's {shape[0]}x{shape[1]}")
+        if a.shape[:2] != shape[:2]:
+            problems.append(f"{name}: size {a.shape[0]}x{a.shape[1]} differs from the dataset's {shape[0]}x{shape[1]}")
         else:
             out[k] = a
     return out
 
 
-def run(raw_dir: str | Path, out_dir: str | Path, metrics_path: str | Path) -> dict[str, float]:
-    raw_dir = Path(raw_dir)
-    if not raw_dir.is_dir():
-        raise InputError(f"{raw_dir}: data folder not found (set data.raw_dir in params.yaml)")
-    train, test = scan(raw_dir)
+def run(raw_dir: str | Path, data: DataParams, out_dir: str | Path, metrics_path: str | Path) -> dict[str, float]:
+    listing = layouts.scan(raw_dir, data)
+    train, test = listing.train, listing.test
     problems: list[str] = []
-    images = _read_all(train.path.tolist(), "load train images", problems)
-    masks = _read_all(train.mask_path.tolist(), "load train masks", problems)
-    tests = _read_all(test.path.tolist(), "load test images", problems)
-    _fail(problems)
-    shapes = pd.Series([a.shape for a in images]).value_counts()
-    shape = shapes.index[0]
+    modes: list[str] = []
+
+    def image(path: str) -> np.ndarray:
+        array, mode = read_image(path, data.channels)
+        modes.append(mode)
+        return array
+
+    images = _read_all(train.path.tolist(), image, "load train images", problems)
+    tests = _read_all(test.path.tolist(), image, "load test images", problems)
+    layouts.fail(problems)
+    shape = pd.Series([a.shape for a in images]).value_counts().index[0]
+    mask_shape = shape[:2]
+    if (train.mask_path != "").all():
+        masks = _read_all(train.mask_path.tolist(), read_mask, "load train masks", problems)
+        mask_names = train.mask_path.tolist()
+    else:
+        order, start = ("F" if data.rle_order == "column" else "C"), data.rle_start
+        masks = _read_all(train.mask_rle.tolist(), lambda text: rle.decode(text, mask_shape, order, start),
+                          "decode train masks", problems)
+        problems[:] = [f"{Path(raw_dir) / data.csv_file}: mask RLE: {p}" for p in problems]
+        mask_names = [f"{Path(raw_dir) / data.csv_file} (id {i})" for i in train.id]
     train_images = _stack(images, train.path.tolist(), shape, problems)
-    train_masks = _stack(masks, train.mask_path.tolist(), shape, problems)
     test_images = _stack(tests, test.path.tolist(), shape, problems)
-    for m, p in zip(masks, train.mask_path):
-        values = np.unique(m)
-        if not (set(values.tolist()) <= {0, 255} or set(values.tolist()) <= {0, 1}):
-            problems.append(f"{p}: mask values {values[:6].tolist()} are not binary 0/255 (or 0/1)")
-    _fail(problems)
-    train_masks = (train_masks > 0).astype(np.uint8)
+    train_masks = _stack(masks, mask_names, mask_shape, problems)
+    layouts.fail(problems)
     areas = train_masks.reshape(len(train), -1).sum(axis=1)
-    train = train.assign(split="train", row=np.arange(len(train)), has_mask=areas > 0, mask_area=areas)
+    size = dict(height=mask_shape[0], width=mask_shape[1])
+    train = train.assign(split="train", row=np.arange(len(train)), has_mask=areas > 0, mask_area=areas, **size)
     test = test.assign(split="test", row=np.arange(len(test)), has_mask=pd.NA, mask_area=pd.NA,
-                       subject=pd.NA, frame=pd.NA, mask_path="")
-    manifest = pd.concat([train, test], ignore_index=True)[
-        ["id", "split", "row", "subject", "frame", "has_mask", "mask_area", "path", "mask_path"]]
+                       subject=pd.NA, frame=pd.NA, mask_path="", **size)
+    manifest = pd.concat([train, test], ignore_index=True)[MANIFEST_COLUMNS]
     with atomic_dir(out_dir) as tmp:
         write_npy(tmp / "train_images.npy", train_images)
         write_npy(tmp / "train_masks.npy", train_masks)
@@ -128,7 +95,9 @@ def run(raw_dir: str | Path, out_dir: str | Path, metrics_path: str | Path) -> d
         write_csv(tmp / "manifest.csv", manifest)
     summary = {
         "train_images": int(len(train)), "test_images": int(len(test)),
-        "subjects": int(train.subject.nunique()), "height": int(shape[0]), "width": int(shape[1]),
+        "subjects": int(train.subject.nunique()), "height": int(mask_shape[0]), "width": int(mask_shape[1]),
+        "channels": 1 if len(shape) == 2 else int(shape[2]),
+        "colour_images_converted_to_gray": int(sum(m == "RGB" for m in modes)) if data.channels == "gray" else 0,
         "empty_fraction": round(float(1 - train.has_mask.mean()), 4),
         "mean_mask_area": round(float(areas[areas > 0].mean()) if (areas > 0).any() else 0.0, 1),
     }

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.io import atomic_dir, atomic_path, read_gray, write_json, write_tiff, read_json
+from pipeline.io import atomic_dir, atomic_path, read_image, write_json, write_tiff, read_json
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
@@ -34,4 +34,4 @@ def test_tiff_round_trip_is_lzw(tmp_path):
     write_tiff(tmp_path / "x.tif", array)
     with Image.open(tmp_path / "x.tif") as img:
         assert img.info["compression"] == "tiff_lzw"
-    assert np.array_equal(read_gray(tmp_path / "x.tif"), array)
+    assert np.array_equal(read_image(tmp_path / "x.tif")[0], array)

@@ -6,6 +6,7 @@ from PIL import Image
 
 from pipeline import load
 from pipeline.io import InputError, read_json
+from pipeline.params import DataParams
 
 
 @pytest.fixture
@@ -15,7 +16,7 @@ def raw(tiny_raw, tmp_path):
 
 
 def _run(raw, tmp_path):
-    return load.run(raw, tmp_path / "interim", tmp_path / "metrics.json")
+    return load.run(raw, DataParams(), tmp_path / "interim", tmp_path / "metrics.json")
 
 
 def test_loads_arrays_manifest_and_metrics(tiny_interim, tiny_raw):
@@ -75,10 +76,25 @@ def test_shape_mismatch(raw, tmp_path):
     _expect_error(raw, tmp_path, "2_2.tif", "50x60")
 
 
-def test_rgb_and_16_bit_refused(raw, tmp_path):
-    Image.fromarray(np.zeros((96, 128, 3), np.uint8)).save(raw / "train" / "2_3.tif")
+def test_16_bit_image_refused(raw, tmp_path):
     Image.fromarray(np.zeros((96, 128), np.uint16)).save(raw / "test" / "1.tif")
-    _expect_error(raw, tmp_path, "2_3.tif", "1.tif", "8-bit grayscale")
+    _expect_error(raw, tmp_path, "1.tif", "I;16", "expected 8-bit")
+
+
+def test_rgb_image_converted_to_gray_and_counted(raw, tmp_path):
+    with Image.open(raw / "train" / "2_3.tif") as img:
+        gray = np.asarray(img)
+    Image.fromarray(np.stack([gray] * 3, axis=2)).save(raw / "train" / "2_3.tif")
+    summary = _run(raw, tmp_path)
+    assert summary["colour_images_converted_to_gray"] == 1
+    images, _ = load.open_arrays(tmp_path / "interim", "train")
+    row = load.read_manifest(tmp_path / "interim").set_index("id").loc["2_3", "row"]
+    assert np.array_equal(images[row], gray)
+
+
+def test_rgb_mask_refused(raw, tmp_path):
+    Image.fromarray(np.zeros((96, 128, 3), np.uint8)).save(raw / "train" / "2_3_mask.tif")
+    _expect_error(raw, tmp_path, "2_3_mask.tif", "single-channel")
 
 
 def test_mask_values_not_binary(raw, tmp_path):
@@ -102,7 +118,7 @@ def test_missing_folders(tmp_path):
     (tmp_path / "raw").mkdir()
     _expect_error(tmp_path / "raw", tmp_path, "train", "folder not found")
     with pytest.raises(InputError, match="data folder not found"):
-        load.run(tmp_path / "absent", tmp_path / "o", tmp_path / "m.json")
+        load.run(tmp_path / "absent", DataParams(), tmp_path / "o", tmp_path / "m.json")
 
 
 def test_zero_one_masks_accepted(raw, tmp_path):
