@@ -105,6 +105,11 @@ def _open(path: Path) -> tuple[str, np.ndarray]:
         raise InputError(f"{path}: {reason}") from None
 
 
+def write_png(path: str | Path, array: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(tmp, format="PNG")
+
+
 def read_image(path: str | Path, channels: str = "gray") -> tuple[np.ndarray, str]:
     """Read an 8-bit image as uint8 (H,W) for `gray` or (H,W,3) for `rgb`; returns (array, source mode).
 

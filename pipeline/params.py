@@ -48,6 +48,7 @@ class SynthParams:
     width: int = _range(ge=32, default=580)
     empty_fraction: float = _range(ge=0.0, le=1.0, default=0.58)
     label_noise: float = _range(ge=0.0, le=1.0, default=0.12)
+    layout: Literal["ultrasound", "folders", "csv"] = "ultrasound"
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,8 @@ class AugmentParams:
     gamma_low: float = _range(gt=0.0, default=80.0)
     gamma_high: float = _range(gt=0.0, default=120.0)
     elastic_p: float = _range(ge=0.0, le=1.0, default=0.0)
+    elastic_alpha: float = _range(ge=0.0, default=20.0)
+    elastic_sigma: float = _range(gt=0.0, default=5.0)
     preview_samples: int = _range(ge=1, default=8)
 
 

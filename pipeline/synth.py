@@ -21,7 +21,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from pipeline import rle
-from pipeline.io import atomic_dir, write_csv, write_json, write_tiff
+from pipeline.io import atomic_dir, write_csv, write_json, write_png, write_tiff
 from pipeline.params import SynthParams
 
 TWIN_PROBABILITY = 0.35   # chance a frame is a near-identical repeat of the previous one
@@ -146,6 +146,7 @@ def run(params: SynthParams, seed: int, out_dir: str | Path) -> dict[str, float]
 
     train_rows: list[dict] = []
     with atomic_dir(out_dir) as tmp:
+        writer = LayoutWriter(tmp, params.layout)
         for s in tqdm(range(params.subjects), desc="synth train subjects", unit="subject"):
             rng = np.random.default_rng(subject_seeds[s])
             frames = subject_frames(make_anatomy(rng, shape), rng, params.frames_per_subject, p_visible, twins=True)
@@ -154,9 +155,8 @@ def run(params: SynthParams, seed: int, out_dir: str | Path) -> dict[str, float]
                                        twin_of=f"{s + 1}_{i - 1}" if twin else "", image=image, mask=mask))
         _corrupt(train_rows, params.label_noise, root_rng)
         for row in train_rows:
-            write_tiff(tmp / "train" / f"{row['id']}.tif", row.pop("image"))
             mask = row.pop("mask")
-            write_tiff(tmp / "train" / f"{row['id']}_mask.tif", np.where(row["corrupted"], 0, mask * 255))
+            writer.train(row["id"], row["subject"], row.pop("image"), mask & (not row["corrupted"]))
 
         # Test ids are shuffled across subjects, as on Kaggle.
         test_ids = np.random.default_rng(subject_seeds[params.subjects]).permutation(params.test_images) + 1
@@ -166,8 +166,9 @@ def run(params: SynthParams, seed: int, out_dir: str | Path) -> dict[str, float]
             rng = np.random.default_rng(subject_seeds[params.subjects + k])
             frames = subject_frames(make_anatomy(rng, shape), rng, len(ids), p_visible, twins=False)
             for n, (image, mask, _) in zip(ids, frames):
-                write_tiff(tmp / "test" / f"{n}.tif", image)
+                writer.test(str(n), image)
                 test_masks.append((int(n), rle.encode(mask)))
+        writer.finish()
         truth_test = pd.DataFrame(test_masks, columns=["img", "pixels"]).sort_values("img")
         truth_train = pd.DataFrame(train_rows)
         write_csv(tmp / "truth" / "train_truth.csv", truth_train)
@@ -181,6 +182,34 @@ def run(params: SynthParams, seed: int, out_dir: str | Path) -> dict[str, float]
         }
         write_json(tmp / "truth" / "summary.json", summary)
     return summary
+
+
+class LayoutWriter:
+    """Writes samples in one of the layouts the load stage reads (see pipeline.layouts)."""
+
+    def __init__(self, root: Path, layout: str) -> None:
+        self.root, self.layout, self.rows = root, layout, []
+
+    def train(self, image_id: str, subject: int, image: np.ndarray, mask: np.ndarray) -> None:
+        if self.layout == "ultrasound":
+            write_tiff(self.root / "train" / f"{image_id}.tif", image)
+            write_tiff(self.root / "train" / f"{image_id}_mask.tif", mask.astype(np.uint8) * 255)
+            return
+        write_png(self.root / "train" / "images" / f"{image_id}.png", image)
+        if self.layout == "folders":
+            write_png(self.root / "train" / "masks" / f"{image_id}.png", mask.astype(np.uint8) * 255)
+        self.rows.append({"id": image_id, "rle_mask": rle.encode(mask), "group": f"patient{subject}"})
+
+    def test(self, image_id: str, image: np.ndarray) -> None:
+        if self.layout == "ultrasound":
+            write_tiff(self.root / "test" / f"{image_id}.tif", image)
+        else:
+            write_png(self.root / "test" / "images" / f"{image_id}.png", image)
+
+    def finish(self) -> None:
+        """Folders and csv layouts get train.csv (id, rle_mask, group): labels for csv, groups for both."""
+        if self.rows:
+            write_csv(self.root / "train.csv", pd.DataFrame(self.rows))
 
 
 def _corrupt(rows: list[dict], label_noise: float, rng: np.random.Generator) -> None:
