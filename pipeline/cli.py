@@ -82,3 +82,31 @@ def validate(submission: Annotated[Path, typer.Argument(help="Submission CSV to 
     ids = sorted(p.stem for p in test_dir.glob("*.tif")) if test_dir else None
     rows = validate_submission(submission, ids, (height, width))
     typer.echo(f"{submission}: valid ({rows} rows)")
+
+
+@app.command()
+@friendly_errors
+def dedup(interim: Annotated[Path, typer.Option(help="The load stage's folder (train arrays and manifest).")],
+          out: Annotated[Path, typer.Option(help="Folder for pairs.csv and groups.csv.")],
+          reports: Annotated[Path, typer.Option(help="Folder for metrics.json and the audit gallery.png.")],
+          params: ParamsOpt = Path("params.yaml")) -> None:
+    """Find near-duplicate train frames (block histograms + cosine) and flag contradictory labels."""
+    from pipeline import dedup as stage
+    from pipeline.params import load_params
+
+    _echo_summary(stage.run(load_params(params).dedup, interim, out, reports))
+
+
+@app.command()
+@friendly_errors
+def clean(interim: Annotated[Path, typer.Option(help="The load stage's folder (its manifest).")],
+          dedup: Annotated[Path, typer.Option(help="The dedup stage's folder (pairs.csv).")],
+          raw: Annotated[Path, typer.Option(help="Dataset folder; its truth/ (synthetic data only) is scored against.")],
+          out: Annotated[Path, typer.Option(help="Folder for the cleaned manifest.csv.")],
+          metrics: Annotated[Path, typer.Option(help="Where to write the summary metrics JSON.")],
+          params: ParamsOpt = Path("params.yaml")) -> None:
+    """Drop train frames whose labels contradict a near-duplicate, per clean.policy."""
+    from pipeline import clean as stage
+    from pipeline.params import load_params
+
+    _echo_summary(stage.run(load_params(params).clean, interim, dedup, raw, out, metrics))

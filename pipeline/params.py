@@ -59,12 +59,12 @@ class DedupParams:
     scope: Literal["subject", "global"] = "subject"
     chunk_size: int = _range(ge=1, default=2048)
     gallery_pairs: int = _range(ge=0, default=12)
+    min_pair_dice: float = _range(ge=0.0, le=1.0, default=0.2)
 
 
 @dataclass(frozen=True)
 class CleanParams:
     policy: Literal["none", "drop_empty", "drop_both"] = "drop_empty"
-    min_pair_dice: float = _range(ge=0.0, le=1.0, default=0.2)
 
 
 @dataclass(frozen=True)

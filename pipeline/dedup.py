@@ -1,0 +1,252 @@
+"""Dedup stage: near-duplicate frames by block histograms and cosine distance.
+
+Each image becomes one vector: the image is cut into `block_size` squares and
+each square gets its own `bins`-bin intensity histogram over 0..255, concatenated
+block by block. Two frames are near-duplicates when the cosine distance of their
+vectors is below `threshold`. Pairs whose masks disagree (one empty and one not,
+or both non-empty with a Dice below `min_pair_dice`) are contradictory labels;
+the clean stage decides what to drop.
+
+Built to scale to ~100,000 images on two cores: histograms are one `bincount`
+per image (no loop over blocks); distances come from normalised float32 matrix
+products tile by tile, keeping only pairs near the threshold, so memory grows
+with the number of pairs, not N^2. Each kept candidate's distance is then
+recomputed exactly in float64 from the integer counts (the same formula as
+`scipy.spatial.distance.cdist(..., "cosine")`), so the float32 shortcut never
+changes which pairs are found.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+from tqdm import tqdm
+
+from pipeline.io import InputError, atomic_dir, save_figure, write_csv, write_json
+from pipeline.load import open_arrays, read_manifest
+from pipeline.metrics import dice_per_image
+from pipeline.params import DedupParams, ParamsError
+
+EXACT_BATCH = 1024   # candidate pairs re-checked in float64 at once (two 1024 x D float64 buffers)
+DICE_BATCH = 32      # mask pairs compared at once (2 x 32 full-size masks in memory)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def block_histograms(images: np.ndarray, block_size: int, bins: int, progress: bool = True) -> np.ndarray:
+    """Per-block intensity histograms of uint8 images (N, H, W[, C]) -> float32 counts (N, blocks * bins).
+
+    Feature k * bins + j counts the values v of block k (blocks in row-major order; all channels
+    of a colour block together) with bin j = floor(v * bins / 256), i.e. exactly
+    `np.histogram(block, bins, range=(0, 256))`. Each value's (block, bin) pair becomes one
+    integer, counted with a single `bincount` per image.
+    """
+    if images.ndim not in (3, 4) or images.dtype != np.uint8:
+        raise InputError(f"images: expected uint8 (N, H, W) or (N, H, W, C), got {images.dtype} {images.shape}")
+    height, width = images.shape[1:3]
+    if height % block_size or width % block_size:
+        raise ParamsError(f"dedup.block_size: {block_size} does not divide the image size {height}x{width}; "
+                          f"use one of {_divisors(math.gcd(height, width))}")
+    blocks_x = width // block_size
+    n_features = (height // block_size) * blocks_x * bins
+    # uint16 holds v * bins (<= 255 * 256) and, for the default sizes, every feature index.
+    index_dtype = np.uint16 if n_features <= 2**16 else np.uint32
+    block_id = (np.arange(height) // block_size)[:, None] * blocks_x + np.arange(width) // block_size
+    block_offset = (block_id * bins).astype(index_dtype).reshape(images.shape[1:3] + (1,) * (images.ndim - 3))
+    features = np.empty((len(images), n_features), np.float32)
+    index = np.empty(images.shape[1:], index_dtype)
+    for k in tqdm(range(len(images)), desc="dedup histograms", unit="img", mininterval=1.0, disable=not progress):
+        np.multiply(images[k], bins, out=index, dtype=index_dtype)
+        index >>= 8
+        index += block_offset
+        features[k] = np.bincount(index.ravel(), minlength=n_features)
+    return features
+
+
+def _row_norms(counts: np.ndarray, chunk_size: int) -> np.ndarray:
+    return np.concatenate([np.sqrt(np.square(counts[s:s + chunk_size], dtype=np.float64).sum(axis=1))
+                           for s in range(0, len(counts), chunk_size)] or [np.zeros(0)])
+
+
+def exact_cosine_distance(counts: np.ndarray, norms: np.ndarray, rows_a: np.ndarray,
+                          rows_b: np.ndarray) -> np.ndarray:
+    """float64 cosine distance of row pairs, computed as scipy does (cosine clipped to [-1, 1])."""
+    out = np.empty(len(rows_a))
+    for s in range(0, len(rows_a), EXACT_BATCH):
+        a, b = rows_a[s:s + EXACT_BATCH], rows_b[s:s + EXACT_BATCH]
+        dot = np.einsum("ij,ij->i", counts[a].astype(np.float64), counts[b].astype(np.float64))
+        out[s:s + EXACT_BATCH] = 1.0 - np.clip(dot / (norms[a] * norms[b]), -1.0, 1.0)
+    return out
+
+
+def _member_lists(n: int, scope_labels: np.ndarray | None) -> list[np.ndarray]:
+    """Row indices compared with each other: all rows, or one ascending list per label."""
+    if scope_labels is None:
+        return [np.arange(n)]
+    order = np.argsort(scope_labels, kind="stable")
+    bounds = np.flatnonzero(np.diff(scope_labels[order])) + 1
+    return np.split(order, bounds)
+
+
+def near_duplicate_pairs(features: np.ndarray, threshold: float, scope_labels: np.ndarray | None = None,
+                         chunk_size: int = 2048, progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All row pairs (a < b) with cosine distance < threshold -> (rows_a, rows_b, distance), sorted.
+
+    With `scope_labels`, only rows sharing a label are compared. Tiles of chunk_size x chunk_size
+    similarities are screened in float32 with a margin covering its rounding error
+    (|error| <= D * eps for unit vectors of dimension D), then confirmed in float64.
+    """
+    counts = np.asarray(features, dtype=np.float32)
+    if counts.ndim != 2:
+        raise ValueError(f"features must be 2-D (N, D), got shape {counts.shape}")
+    norms = _row_norms(counts, chunk_size)
+    inv_norms = (1.0 / np.maximum(norms, np.finfo(np.float64).tiny)).astype(np.float32)
+    cutoff = np.float32(1.0 - threshold - (counts.shape[1] + 8) * np.finfo(np.float32).eps)
+    groups = _member_lists(len(counts), None if scope_labels is None else np.asarray(scope_labels))
+    n_tiles = sum(math.ceil(len(g) / chunk_size) * (math.ceil(len(g) / chunk_size) + 1) // 2 for g in groups)
+    found_a: list[np.ndarray] = []
+    found_b: list[np.ndarray] = []
+    with tqdm(total=n_tiles, desc="dedup cosine tiles", unit="tile", mininterval=1.0, disable=not progress) as bar:
+        for members in groups:
+            for start in range(0, len(members), chunk_size):
+                rows_a = members[start:start + chunk_size]
+                unit_a = counts[rows_a] * inv_norms[rows_a, None]
+                for start_b in range(start, len(members), chunk_size):
+                    rows_b = members[start_b:start_b + chunk_size]
+                    unit_b = unit_a if start_b == start else counts[rows_b] * inv_norms[rows_b, None]
+                    ia, ib = np.nonzero(unit_a @ unit_b.T >= cutoff)
+                    if start_b == start:
+                        ia, ib = ia[ia < ib], ib[ia < ib]
+                    found_a.append(rows_a[ia])
+                    found_b.append(rows_b[ib])
+                    bar.update()
+    rows_a = np.concatenate(found_a) if found_a else np.zeros(0, np.int64)
+    rows_b = np.concatenate(found_b) if found_b else np.zeros(0, np.int64)
+    distance = exact_cosine_distance(counts, norms, rows_a, rows_b)
+    keep = distance < threshold
+    rows_a, rows_b, distance = rows_a[keep], rows_b[keep], distance[keep]
+    order = np.lexsort((rows_b, rows_a))
+    return rows_a[order], rows_b[order], distance[order]
+
+
+def pair_mask_dice(masks: np.ndarray, has_mask: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray,
+                   progress: bool = True) -> np.ndarray:
+    """Dice between the two masks of each pair; only pairs with two non-empty masks are read."""
+    dice = np.where(has_mask[rows_a] == has_mask[rows_b], 1.0, 0.0)
+    both = np.flatnonzero(has_mask[rows_a] & has_mask[rows_b])
+    for s in tqdm(range(0, len(both), DICE_BATCH), desc="dedup mask dice", unit="batch", mininterval=1.0,
+                  disable=not progress):
+        k = both[s:s + DICE_BATCH]
+        dice[k] = dice_per_image(masks[rows_a[k]], masks[rows_b[k]])
+    return dice
+
+
+def contradictory(has_mask_a: np.ndarray, has_mask_b: np.ndarray, mask_dice: np.ndarray,
+                  min_pair_dice: float) -> np.ndarray:
+    """One mask empty and the other not, or both non-empty and overlapping less than min_pair_dice."""
+    return (has_mask_a != has_mask_b) | (has_mask_a & has_mask_b & (mask_dice < min_pair_dice))
+
+
+def group_labels(n: int, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
+    """Connected components of the pair graph; every image gets a group, singletons included."""
+    graph = coo_matrix((np.ones(len(rows_a), np.int8), (rows_a, rows_b)), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def save_gallery(path: str | Path, images: np.ndarray, masks: np.ndarray, pairs: pd.DataFrame,
+                 rows_a: np.ndarray, rows_b: np.ndarray, message: str) -> None:
+    """Contradictory pairs side by side: own mask outlined red, the partner's mask dashed yellow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not len(pairs):
+        fig, ax = plt.subplots(figsize=(6, 1.2))
+        ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=12)
+        ax.axis("off")
+        save_figure(fig, path)
+        return
+    height, width = images.shape[1:3]
+    panel_w = 5.0
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(2 * panel_w, 0.6 + len(pairs) * (panel_w * height / width + 0.5)),
+                             squeeze=False, layout="constrained")
+    fig.suptitle(f"{message}\nred: the frame's own mask; dashed yellow: its near-duplicate's mask", fontsize=12)
+    for axes_row, pair, a, b in zip(axes, pairs.itertuples(index=False), rows_a, rows_b):
+        for ax, own, other, image_id in ((axes_row[0], a, b, pair.id_a), (axes_row[1], b, a, pair.id_b)):
+            ax.imshow(images[own], cmap="gray", vmin=0, vmax=255)
+            area = int(masks[own].sum())
+            if area:
+                ax.contour(masks[own], levels=[0.5], colors="red", linewidths=1.5)
+            if masks[other].any():
+                ax.contour(masks[other], levels=[0.5], colors="yellow", linewidths=1.0, linestyles="dashed")
+            label = f"mask {area} px" if area else "EMPTY mask"
+            ax.set_title(f"{image_id}: {label}", fontsize=11, color="black" if area else "darkred")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes_row[0].set_ylabel(f"distance {pair.distance:.5f}\nmask Dice {pair.mask_dice:.2f}", fontsize=10)
+    save_figure(fig, path, dpi=80)
+
+
+def _train_table(interim_dir: Path, n_images: int) -> pd.DataFrame:
+    manifest = read_manifest(interim_dir)
+    train = manifest[manifest.split == "train"].sort_values("row").reset_index(drop=True)
+    if not np.array_equal(train.row.to_numpy(), np.arange(n_images)):
+        raise InputError(f"{interim_dir / 'manifest.csv'}: train rows do not match train_images.npy "
+                         f"({len(train)} rows for {n_images} images)")
+    return train
+
+
+def run(params: DedupParams, interim_dir: str | Path, out_dir: str | Path, reports_dir: str | Path,
+        progress: bool = True) -> dict[str, float]:
+    """Write pairs.csv and groups.csv to out_dir, metrics.json and gallery.png to reports_dir."""
+    started = time.perf_counter()
+    interim_dir, reports_dir = Path(interim_dir), Path(reports_dir)
+    for name in ("manifest.csv", "train_images.npy", "train_masks.npy"):
+        if not (interim_dir / name).is_file():
+            raise InputError(f"{interim_dir / name}: not found (run the load stage first)")
+    images, masks = open_arrays(interim_dir, "train")
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or masks.shape != images.shape[:3]:
+        raise InputError(f"{interim_dir / 'train_images.npy'}: expected uint8 (N, H, W[, C]) images with (N, H, W) "
+                         f"masks, got {images.dtype} {images.shape} and masks {masks.shape}")
+    train = _train_table(interim_dir, len(images))
+    features = block_histograms(images, params.block_size, params.bins, progress)
+    scope = train.subject.to_numpy() if params.scope == "subject" else None
+    rows_a, rows_b, distance = near_duplicate_pairs(features, params.threshold, scope, params.chunk_size, progress)
+    has_mask = train.has_mask.to_numpy(dtype=bool)
+    dice = pair_mask_dice(masks, has_mask, rows_a, rows_b, progress)
+    ids = train.id.to_numpy()
+    pairs = pd.DataFrame({"id_a": ids[rows_a], "id_b": ids[rows_b], "distance": distance,
+                          "has_mask_a": has_mask[rows_a], "has_mask_b": has_mask[rows_b], "mask_dice": dice})
+    pairs["contradictory"] = contradictory(pairs.has_mask_a.to_numpy(), pairs.has_mask_b.to_numpy(), dice,
+                                           params.min_pair_dice)
+    labels = group_labels(len(images), rows_a, rows_b)
+    group_sizes = np.bincount(labels)
+    with atomic_dir(out_dir) as tmp:
+        write_csv(tmp / "pairs.csv", pairs)
+        write_csv(tmp / "groups.csv", pd.DataFrame({"id": ids, "group": labels}))
+    shown = np.flatnonzero(pairs.contradictory.to_numpy())
+    shown = shown[np.argsort(distance[shown], kind="stable")][: params.gallery_pairs]
+    n_bad = int(pairs.contradictory.sum())
+    message = (f"{n_bad} contradictory of {len(pairs)} near-duplicate pairs (distance < {params.threshold}); "
+               f"showing {len(shown)}" if len(shown) else
+               f"No contradictory pairs shown ({n_bad} found, {len(pairs)} near-duplicate pairs)")
+    save_gallery(reports_dir / "gallery.png", images, masks, pairs.iloc[shown], rows_a[shown], rows_b[shown],
+                 message)
+    summary = {
+        "images": int(len(images)),
+        "pairs": int(len(pairs)),
+        "contradictory_pairs": n_bad,
+        "groups": int((group_sizes > 1).sum()),
+        "grouped_images": int(group_sizes[group_sizes > 1].sum()),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_json(reports_dir / "metrics.json", summary)
+    return summary
