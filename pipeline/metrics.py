@@ -4,6 +4,15 @@ from __future__ import annotations
 import numpy as np
 
 
+def dice_from_counts(inter: np.ndarray, pred_area: np.ndarray, truth_area: np.ndarray) -> np.ndarray:
+    """Per-image Dice from pixel counts (broadcasting), so tuning can score many thresholds cheaply.
+
+    Both empty -> 1.0; exactly one empty -> 0.0.
+    """
+    total = np.asarray(pred_area, np.int64) + np.asarray(truth_area, np.int64)
+    return np.where(total == 0, 1.0, 2.0 * np.asarray(inter, np.int64) / np.maximum(total, 1))
+
+
 def dice_per_image(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Dice for each image of a batch (N, H, W) or a single (H, W) pair.
 
@@ -18,8 +27,7 @@ def dice_per_image(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
         pred, truth = pred[None], truth[None]
     axes = tuple(range(1, pred.ndim))
     inter = np.logical_and(pred, truth).sum(axis=axes, dtype=np.int64)
-    total = pred.sum(axis=axes, dtype=np.int64) + truth.sum(axis=axes, dtype=np.int64)
-    dice = np.where(total == 0, 1.0, 2.0 * inter / np.maximum(total, 1))
+    dice = dice_from_counts(inter, pred.sum(axis=axes, dtype=np.int64), truth.sum(axis=axes, dtype=np.int64))
     return dice[0] if single else dice
 
 

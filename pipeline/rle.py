@@ -13,12 +13,17 @@ True
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import csv
+import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 KAGGLE_SHAPE = (420, 580)
+MAX_LISTED = 20
+_INTEGER = re.compile(r"-?[0-9]+")
+_ID = re.compile(r"[0-9]+")
 
 
 class RLEError(ValueError):
@@ -31,6 +36,7 @@ class SubmissionError(ValueError):
 
 def encode(mask: np.ndarray, order: str = "F", start: int = 1) -> str:
     """Encode a 2-D mask (nonzero = foreground) as RLE; Kaggle ultrasound defaults."""
+    mask = np.asarray(mask)
     if mask.ndim != 2:
         raise RLEError(f"expected a 2-D mask, got shape {mask.shape}")
     flat = np.concatenate([[False], mask.ravel(order=order) != 0, [False]])
@@ -39,78 +45,104 @@ def encode(mask: np.ndarray, order: str = "F", start: int = 1) -> str:
     return " ".join(map(str, edges))
 
 
-def parse_runs(rle: str, n_pixels: int, start: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Parse and check an RLE string; returns 1-indexed starts and lengths."""
-    text = "" if rle is None else str(rle).strip()
-    if not text or text == "nan":
+def parse_runs(rle: str | float | None, n_pixels: int, start: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Parse and check an RLE string whose starts count from `start`; returns 1-indexed starts and lengths.
+
+    None and float NaN (pandas' empty cell) mean an empty mask; the text itself must be
+    plain ASCII integers, so '+3', '1e3' or 'nan' are refused rather than guessed at.
+    """
+    if rle is None or (isinstance(rle, float) and np.isnan(rle)):
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    try:
-        numbers = np.array(text.split(), dtype=np.int64)
-    except ValueError:
-        raise RLEError(f"non-integer value in {text[:40]!r}") from None
-    if numbers.size % 2:
-        raise RLEError(f"odd number of values ({numbers.size}); expected start/length pairs")
-    starts, lengths = numbers[::2] + (1 - start), numbers[1::2]
+    tokens = str(rle).split()
+    bad = next((t for t in tokens if not _INTEGER.fullmatch(t) or len(t) > 18), None)
+    if bad is not None:
+        raise RLEError(f"{bad[:20]!r} is not an integer of at most 18 digits")
+    if len(tokens) % 2:
+        raise RLEError(f"odd number of values ({len(tokens)}); expected start/length pairs")
+    numbers = np.array(tokens, dtype=np.int64).reshape(-1, 2)
+    starts, lengths = numbers[:, 0] + (1 - start), numbers[:, 1]
     if (starts < 1).any():
         raise RLEError(f"start {starts[starts < 1][0] - (1 - start)} is below {start} (starts are {start}-indexed)")
     if (lengths < 1).any():
         raise RLEError(f"run length {lengths[lengths < 1][0]} is not positive")
-    ends = starts + lengths - 1
+    ends = starts + lengths - 1  # no overflow: both are below 10**18
     if (ends > n_pixels).any():
-        raise RLEError(f"run ending at pixel {ends[ends > n_pixels][0]} is outside the image ({n_pixels} pixels)")
+        i = int(np.flatnonzero(ends > n_pixels)[0])
+        raise RLEError(f"run {starts[i] - (1 - start)} {lengths[i]} ends past the image ({n_pixels} pixels)")
     if (starts[1:] <= ends[:-1]).any():
         i = int(np.flatnonzero(starts[1:] <= ends[:-1])[0])
         raise RLEError(f"runs not sorted or overlapping: start {starts[i + 1]} after run ending at {ends[i]}")
     return starts, lengths
 
 
-def decode(rle: str, shape: tuple[int, int] = KAGGLE_SHAPE, order: str = "F", start: int = 1) -> np.ndarray:
+def decode(rle: str | float | None, shape: tuple[int, int] = KAGGLE_SHAPE, order: str = "F",
+           start: int = 1) -> np.ndarray:
     """Decode RLE into a boolean mask of `shape` (rows, cols); Kaggle ultrasound defaults."""
     n = shape[0] * shape[1]
     starts, lengths = parse_runs(rle, n, start)
-    delta = np.zeros(n + 1, dtype=np.int32)
-    np.add.at(delta, starts - 1, 1)
-    np.add.at(delta, starts - 1 + lengths, -1)
+    delta = np.zeros(n + 1, dtype=np.int8)
+    delta[starts - 1] += 1  # starts are unique, and so are ends: plain fancy updates are exact
+    delta[starts - 1 + lengths] -= 1
     return (np.cumsum(delta[:-1]) > 0).reshape(shape, order=order)
 
 
-def validate_submission(path: str | Path, expected_ids: Iterable[str] | None = None,
-                        shape: tuple[int, int] = KAGGLE_SHAPE) -> int:
-    """Check a submission CSV; returns its row count or raises SubmissionError listing problems."""
-    import pandas as pd
-
+def read_rows(path: str | Path) -> list[list[str]]:
+    """A CSV's rows (header included, blank lines skipped) with the csv module; SubmissionError if unreadable."""
     path = Path(path)
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            return [row for row in csv.reader(fh) if row]
     except FileNotFoundError:
         raise SubmissionError(f"{path}: file not found") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+    except (UnicodeDecodeError, csv.Error) as exc:
         raise SubmissionError(f"{path}: not a readable CSV ({exc})") from None
-    if list(frame.columns) != ["img", "pixels"]:
-        raise SubmissionError(f"{path}: header must be 'img,pixels', got {','.join(map(str, frame.columns))!r}")
+
+
+def validate_submission(path: str | Path, expected_ids: Iterable[str] | None = None,
+                        shape: tuple[int, int] = KAGGLE_SHAPE, columns: Sequence[str] = ("img", "pixels"),
+                        start: int = 1, numeric_ids: bool = True) -> int:
+    """Check a submission CSV; returns its row count or raises SubmissionError listing problems.
+
+    Checks the header, that ids are numeric (`numeric_ids`), unique and exactly the
+    `expected_ids`, and every run string against an image of `shape`. Read with the csv
+    module, not pandas: pandas silently turns a row with an extra field into an index
+    column, shifting every value.
+    """
+    path = Path(path)
+    rows = read_rows(path)
+    if not rows or rows[0] != list(columns):
+        got = ",".join(rows[0]) if rows else ""
+        raise SubmissionError(f"{path}: header must be {','.join(columns)!r}, got {got!r}")
     problems: list[str] = []
-    ids = frame["img"].str.strip()
-    bad_ids = ids[~ids.str.fullmatch(r"\d+")]
-    if len(bad_ids):
-        problems.append(f"non-numeric img ids: {', '.join(bad_ids.head(5))}")
-    dupes = ids[ids.duplicated()].unique()
-    if len(dupes):
-        problems.append(f"img ids listed more than once: {', '.join(dupes[:5])}")
+    seen: set[str] = set()
+    n = shape[0] * shape[1]
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != 2:
+            problems.append(f"line {line}: expected 2 fields ({','.join(columns)}), got {len(row)}")
+            continue
+        img, pixels = row
+        if not (_ID.fullmatch(img) if numeric_ids else img):
+            problems.append(f"line {line}: id {img!r} is {'not a numeric id' if numeric_ids else 'empty'}")
+        elif img in seen:
+            problems.append(f"line {line}: id {img} is listed more than once")
+        seen.add(img)
+        try:
+            parse_runs(pixels, n, start)
+        except RLEError as exc:
+            problems.append(f"line {line}: id {img}: {exc}")
     if expected_ids is not None:
         expected = {str(i) for i in expected_ids}
-        missing, extra = sorted(expected - set(ids)), sorted(set(ids) - expected)
+        missing, extra = sorted(expected - seen, key=_sort_key), sorted(seen - expected, key=_sort_key)
         if missing:
-            problems.append(f"{len(missing)} test ids missing, e.g. {', '.join(missing[:5])}")
+            problems.append(f"{len(missing)} test id(s) missing, e.g. {', '.join(missing[:5])}")
         if extra:
-            problems.append(f"{len(extra)} ids not in the test set, e.g. {', '.join(extra[:5])}")
-    n = shape[0] * shape[1]
-    for img, rle in zip(ids, frame["pixels"]):
-        try:
-            parse_runs(rle, n)
-        except RLEError as exc:
-            problems.append(f"img {img}: {exc}")
-            if len(problems) > 20:
-                break
+            problems.append(f"{len(extra)} id(s) not in the test set, e.g. {', '.join(extra[:5])}")
     if problems:
-        raise SubmissionError(f"{path}: invalid submission:\n  - " + "\n  - ".join(problems))
-    return len(frame)
+        more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise SubmissionError(f"{path}: invalid submission ({len(problems)} problem(s)):\n  - "
+                              + "\n  - ".join(problems[:MAX_LISTED]) + more)
+    return len(rows) - 1
+
+
+def _sort_key(img: str) -> tuple[int, str]:
+    return (len(img), img)  # numeric order for digit ids, without parsing them

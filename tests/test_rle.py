@@ -1,0 +1,193 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from typer.testing import CliRunner
+
+from pipeline import rle
+from pipeline.cli import app
+from pipeline.rle import RLEError, SubmissionError
+
+
+def _is_canonical(text: str, n: int) -> bool:
+    """Sorted, maximal runs (no two touching) inside the image: what Kaggle's encoder writes."""
+    starts, lengths = rle.parse_runs(text, n)
+    return bool((starts[1:] > starts[:-1] + lengths[:-1]).all())
+
+
+masks = st.tuples(st.integers(1, 12), st.integers(1, 12)).flatmap(lambda shape: arrays(bool, shape))
+
+
+@settings(max_examples=300, deadline=None)
+@given(masks)
+def test_round_trip_random_masks(mask):
+    text = rle.encode(mask)
+    assert np.array_equal(rle.decode(text, mask.shape), mask)
+    assert _is_canonical(text, mask.size)
+    assert text == "" or text.split()[0] != "0"
+
+
+@settings(max_examples=100, deadline=None)
+@given(masks, st.sampled_from(["F", "C"]), st.sampled_from([0, 1]))
+def test_round_trip_other_orders_and_starts(mask, order, start):
+    assert np.array_equal(rle.decode(rle.encode(mask, order, start), mask.shape, order, start), mask)
+
+
+@pytest.mark.parametrize("shape", [(420, 580), (1, 1), (1, 7), (7, 1), (5, 4)])
+def test_round_trip_edge_cases(shape):
+    h, w = shape
+    empty, full = np.zeros(shape, bool), np.ones(shape, bool)
+    assert rle.encode(empty) == ""
+    assert rle.encode(full) == f"1 {h * w}"
+    border = full.copy()
+    border[1:-1, 1:-1] = False
+    corners = [(0, 0), (h - 1, 0), (0, w - 1), (h - 1, w - 1)]
+    singles = []
+    for r, c in corners:
+        single = empty.copy()
+        single[r, c] = True
+        singles.append(single)
+        assert rle.encode(single) == f"{c * h + r + 1} 1"  # column-major, 1-indexed
+    for mask in [empty, full, border, *singles]:
+        assert np.array_equal(rle.decode(rle.encode(mask), shape), mask)
+
+
+def test_hand_checked_column_major_examples():
+    m = np.array([[1, 0, 1],
+                  [1, 0, 0],
+                  [0, 1, 1]], bool)
+    # pixels numbered down each column: 1 2 3 | 4 5 6 | 7 8 9 -> on: 1,2 and 6,7 (wraps a column) and 9
+    assert rle.encode(m) == "1 2 6 2 9 1"
+    assert rle.encode(m, order="C") == "1 1 3 2 8 2"  # row-major reading of the same mask
+    assert rle.encode(m, start=0) == "0 2 5 2 8 1"
+    assert np.array_equal(rle.decode("1 2 6 2 9 1", (3, 3)), m)
+    tall = rle.decode("2 3", (4, 2))  # pixels 2-4: rows 1-3 of column 0
+    assert tall[:, 0].tolist() == [False, True, True, True] and not tall[:, 1].any()
+    wide = rle.decode("4 2", (3, 2))  # pixels 4-5: rows 0-1 of column 1
+    assert wide.tolist() == [[False, True], [False, True], [False, False]]
+
+
+def test_decode_accepts_touching_runs_and_empty_cells():
+    assert rle.decode("1 2 3 2", (2, 2)).all()  # pixels 1-2 then 3-4
+    for empty in ("", "   ", None, float("nan")):
+        assert not rle.decode(empty, (2, 2)).any()
+
+
+def test_decodes_the_loaded_training_masks_bit_for_bit(tiny_interim):
+    from pipeline.load import open_arrays
+
+    _, truth = open_arrays(tiny_interim, "train")
+    for mask in truth:
+        assert np.array_equal(rle.decode(rle.encode(mask), mask.shape), mask.astype(bool))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1 2 3", "odd number"),
+    ("0 2", "below 1"),
+    ("-3 2", "below 1"),
+    ("1 0", "not positive"),
+    ("1 -2", "not positive"),
+    ("5 2", "past the image"),  # pixels 5-6 of 5
+    ("9223372036854775807 2", "at most 18 digits"),  # would overflow int64 and slip past the end check
+    ("5 1 1 1", "not sorted"),
+    ("1 3 2 1", "overlapping"),
+    ("1 2 2 1", "overlapping"),
+    ("1.5 2", "not an integer"),
+    ("+1 2", "not an integer"),
+    ("nan", "not an integer"),
+    ("1,2", "not an integer"),
+])
+def test_parse_runs_rejects(text, message):
+    with pytest.raises(RLEError, match=message):
+        rle.parse_runs(text, 5)
+
+
+def test_parse_runs_zero_indexed_reports_the_written_start():
+    assert rle.parse_runs("0 5", 5, start=0)[0].tolist() == [1]
+    with pytest.raises(RLEError, match=r"start -1 is below 0"):
+        rle.parse_runs("-1 2", 5, start=0)
+    with pytest.raises(RLEError, match="past the image"):
+        rle.parse_runs("1 5", 5, start=0)
+
+
+GOOD = "img,pixels\n1,1 2 5 1\n2,\n3,12 1\n"  # 3x4 images: 12 pixels
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "submission.csv"
+    path.write_text(text)
+    return path
+
+
+def test_validator_accepts_a_good_file(tmp_path):
+    assert rle.validate_submission(_write(tmp_path, GOOD), ["1", "2", "3"], (3, 4)) == 3
+    assert rle.validate_submission(_write(tmp_path, GOOD.replace("\n", "\r\n")), ["3", "2", "1"], (3, 4)) == 3
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "header must be 'img,pixels'"),
+    ("id,pixels\n1,\n2,\n3,\n", "header must be 'img,pixels'"),
+    ("img,pixels,extra\n1,,\n2,,\n3,,\n", "header must be"),
+    ("1,1 2\n2,\n3,\n", "header must be"),
+    ("img,pixels\n1,\n2,\n", "1 test id.s. missing, e.g. 3"),
+    ("img,pixels\n1,\n2,\n3,\n3,\n", "3 is listed more than once"),
+    ("img,pixels\n1,\n2,\n3,\n4,\n", "not in the test set, e.g. 4"),
+    ("img,pixels\n1,\nx2,\n3,\n", "'x2' is not a numeric id"),
+    ("img,pixels\n1,\n 2,\n3,\n", "' 2' is not a numeric id"),
+    ("img,pixels\n1,\n,\n3,\n", "'' is not a numeric id"),
+    ("img,pixels\n1,1 2 3\n2,\n3,\n", "id 1: odd number"),
+    ("img,pixels\n1,5 1 1 1\n2,\n3,\n", "id 1: runs not sorted"),
+    ("img,pixels\n1,1 3 2 1\n2,\n3,\n", "id 1: runs not sorted or overlapping"),
+    ("img,pixels\n1,0 1\n2,\n3,\n", "id 1: start 0 is below 1"),
+    ("img,pixels\n1,-1 1\n2,\n3,\n", "id 1: start -1 is below 1"),
+    ("img,pixels\n1,1 0\n2,\n3,\n", "id 1: run length 0"),
+    ("img,pixels\n1,1 -4\n2,\n3,\n", "id 1: run length -4"),
+    ("img,pixels\n1,12 2\n2,\n3,\n", "id 1: run 12 2 ends past the image"),
+    ("img,pixels\n1,13 1\n2,\n3,\n", "past the image"),
+    ("img,pixels\n1,5,1 1\n2,\n3,\n", "line 2: expected 2 fields"),  # pandas would shift this silently
+    ("img,pixels\n1\n2,\n3,\n", "line 2: expected 2 fields"),
+])
+def test_validator_rejects(tmp_path, text, message):
+    with pytest.raises(SubmissionError, match=message):
+        rle.validate_submission(_write(tmp_path, text), ["1", "2", "3"], (3, 4))
+
+
+def test_validator_lists_every_problem_and_names_the_file(tmp_path):
+    path = _write(tmp_path, "img,pixels\n1,0 1\n1,\n")
+    with pytest.raises(SubmissionError) as info:
+        rle.validate_submission(path, ["1", "2"], (3, 4))
+    text = str(info.value)
+    assert str(path) in text and "3 problem(s)" in text
+    assert "below 1" in text and "more than once" in text and "missing, e.g. 2" in text
+
+
+def test_validator_unreadable_and_missing_files(tmp_path):
+    with pytest.raises(SubmissionError, match="not found"):
+        rle.validate_submission(tmp_path / "absent.csv")
+    path = tmp_path / "binary.csv"
+    path.write_bytes(b"img,pixels\n1,\xff\xfe\n")
+    with pytest.raises(SubmissionError, match="not a readable CSV"):
+        rle.validate_submission(path)
+
+
+def test_validator_other_columns_and_zero_start(tmp_path):
+    path = _write(tmp_path, "id,rle_mask\nab,0 12\n")
+    assert rle.validate_submission(path, ["ab"], (3, 4), columns=("id", "rle_mask"), start=0, numeric_ids=False) == 1
+    with pytest.raises(SubmissionError, match="not a numeric id"):
+        rle.validate_submission(path, None, (3, 4), columns=("id", "rle_mask"), start=0)
+
+
+def test_validate_cli(tmp_path):
+    runner = CliRunner()
+    test_dir = tmp_path / "test"
+    test_dir.mkdir()
+    for i in (1, 2, 3):
+        (test_dir / f"{i}.tif").write_bytes(b"")
+    good = _write(tmp_path, GOOD)
+    result = runner.invoke(app, ["validate", str(good), "--test-dir", str(test_dir), "--height", "3", "--width", "4"])
+    assert result.exit_code == 0 and "valid (3 rows)" in result.output
+    bad = tmp_path / "bad.csv"
+    bad.write_text("img,pixels\n1,0 1\n2,\n3,\n")
+    result = runner.invoke(app, ["validate", str(bad), "--test-dir", str(test_dir), "--height", "3", "--width", "4"])
+    assert result.exit_code == 1 and "below 1" in result.output and "Traceback" not in result.output
