@@ -33,7 +33,7 @@ def _read_all(items: list[str], reader: Callable[[str], T], desc: str, problems:
     def read(item: str) -> T | None:
         try:
             return reader(item)
-        except (InputError, rle.RLEError) as exc:
+        except InputError as exc:
             problems.append(str(exc))
             return None
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -74,10 +74,17 @@ def run(raw_dir: str | Path, data: DataParams, out_dir: str | Path, metrics_path
         mask_names = train.mask_path.tolist()
     else:
         order, start = ("F" if data.rle_order == "column" else "C"), data.rle_start
-        masks = _read_all(train.mask_rle.tolist(), lambda text: rle.decode(text, mask_shape, order, start),
-                          "decode train masks", problems)
-        problems[:] = [f"{Path(raw_dir) / data.csv_file}: mask RLE: {p}" for p in problems]
-        mask_names = [f"{Path(raw_dir) / data.csv_file} (id {i})" for i in train.id]
+        rles = dict(zip(train.id, train.mask_rle))
+        csv_path = Path(raw_dir) / data.csv_file
+
+        def decode(image_id: str) -> np.ndarray:
+            try:
+                return rle.decode(rles[image_id], mask_shape, order, start)
+            except rle.RLEError as exc:
+                raise InputError(f"{csv_path}: id {image_id!r}: mask RLE: {exc}") from None
+
+        masks = _read_all(train.id.tolist(), decode, "decode train masks", problems)
+        mask_names = [f"{csv_path} (id {i})" for i in train.id]
     train_images = _stack(images, train.path.tolist(), shape, problems)
     test_images = _stack(tests, test.path.tolist(), shape, problems)
     train_masks = _stack(masks, mask_names, mask_shape, problems)

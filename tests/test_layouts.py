@@ -1,0 +1,111 @@
+"""Each layout adapter end to end on generated data, and its bad inputs."""
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline import load, rle, synth
+from pipeline.io import InputError
+from pipeline.params import DataParams, SynthParams
+
+SMALL = dict(subjects=2, frames_per_subject=4, test_images=3, height=64, width=80, label_noise=0.0)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    """The same generated data written in all three layouts."""
+    root = tmp_path_factory.mktemp("layouts")
+    for layout in ("ultrasound", "folders", "csv"):
+        synth.run(SynthParams(layout=layout, **SMALL), seed=5, out_dir=root / layout)
+    return root
+
+
+def _load(raw, data, tmp_path):
+    summary = load.run(raw, data, tmp_path / "interim", tmp_path / "m.json")
+    images, masks = load.open_arrays(tmp_path / "interim", "train")
+    return summary, load.read_manifest(tmp_path / "interim"), images, masks
+
+
+@pytest.mark.parametrize("layout, group_column", [("folders", None), ("folders", "group"), ("csv", "group"),
+                                                  ("csv", None)])
+def test_layouts_load_the_same_pixels(datasets, tmp_path, layout, group_column):
+    _, ref_manifest, ref_images, ref_masks = _load(datasets / "ultrasound", DataParams(), tmp_path / "ref")
+    summary, manifest, images, masks = _load(datasets / layout, DataParams(layout=layout, group_column=group_column),
+                                             tmp_path / layout)
+    assert summary["train_images"] == 8 and summary["test_images"] == 3
+    assert (manifest.height == 64).all() and (manifest.width == 80).all()
+    ref = ref_manifest[ref_manifest.split == "train"].set_index("id")
+    for row in manifest[manifest.split == "train"].itertuples():
+        assert np.array_equal(images[row.row], ref_images[ref.loc[row.id, "row"]])
+        assert np.array_equal(masks[row.row], ref_masks[ref.loc[row.id, "row"]])
+    train = manifest[manifest.split == "train"]
+    expected_groups = 2 if group_column else 8
+    assert train.subject.nunique() == expected_groups
+
+
+def test_csv_row_major_zero_indexed(datasets, tmp_path):
+    raw = shutil.copytree(datasets / "csv", tmp_path / "raw")
+    table = pd.read_csv(raw / "train.csv", dtype=str, keep_default_na=False)
+    table["rle_mask"] = [rle.encode(rle.decode(t, (64, 80)), order="C", start=0) for t in table.rle_mask]
+    table.to_csv(raw / "train.csv", index=False)
+    _, _, _, masks = _load(raw, DataParams(layout="csv", rle_order="row", rle_start=0), tmp_path / "a")
+    _, _, _, ref = _load(datasets / "csv", DataParams(layout="csv"), tmp_path / "b")
+    assert np.array_equal(masks, ref) and masks.any()
+
+
+def test_csv_multiple_rows_per_id_are_merged(datasets, tmp_path):
+    raw = shutil.copytree(datasets / "csv", tmp_path / "raw")
+    table = pd.read_csv(raw / "train.csv", dtype=str, keep_default_na=False)
+    table.loc[0, "rle_mask"] = "1 3"
+    extra = table.iloc[[0]].assign(rle_mask="100 2")
+    pd.concat([table, extra]).to_csv(raw / "train.csv", index=False)
+    _, manifest, _, masks = _load(raw, DataParams(layout="csv"), tmp_path)
+    row = manifest.set_index("id").loc[table.loc[0, "id"], "row"]
+    assert masks[row].sum() == 5
+
+
+@pytest.mark.parametrize("breakage, fragments", [
+    ("mask_renamed", ["image has no mask", "mask has no image"]),
+    ("mask_other_size", ["size 10x10"]),
+    ("rle_out_of_range", ["train.csv: id", "ends past the image"]),
+    ("csv_missing_column", ["'rle_mask'", "not found"]),
+    ("csv_unknown_id", ["has no image"]),
+    ("sixteen_bit_mask", []),
+])
+def test_adapter_bad_inputs(datasets, tmp_path, breakage, fragments):
+    layout = "folders" if breakage in ("mask_renamed", "mask_other_size", "sixteen_bit_mask") else "csv"
+    raw = shutil.copytree(datasets / layout, tmp_path / "raw")
+    masks_dir = raw / "train" / "masks"
+    first = sorted(p.name for p in (raw / "train" / "images").iterdir())[0]
+    table = pd.read_csv(raw / "train.csv", dtype=str, keep_default_na=False)
+    if breakage == "mask_renamed":
+        (masks_dir / first).rename(masks_dir / "zz_other.png")
+    elif breakage == "mask_other_size":
+        Image.fromarray(np.zeros((10, 10), np.uint8)).save(masks_dir / first)
+    elif breakage == "rle_out_of_range":
+        table.loc[0, "rle_mask"] = "5119 5"
+        table.to_csv(raw / "train.csv", index=False)
+    elif breakage == "csv_missing_column":
+        table.rename(columns={"rle_mask": "pixels"}).to_csv(raw / "train.csv", index=False)
+    elif breakage == "csv_unknown_id":
+        pd.concat([table, table.iloc[[0]].assign(id="ghost")]).to_csv(raw / "train.csv", index=False)
+    elif breakage == "sixteen_bit_mask":  # 0/65535 16-bit masks are a valid encoding (TGS salt ships them)
+        mask = np.zeros((64, 80), np.uint16)
+        mask[10:20, 10:30] = 65535
+        Image.fromarray(mask).save(masks_dir / first)
+        _, manifest, _, masks = _load(raw, DataParams(layout=layout), tmp_path)
+        assert masks[manifest.set_index("id").loc[first[:-4], "row"]].sum() == 200
+        return
+    with pytest.raises(InputError) as info:
+        _load(raw, DataParams(layout=layout), tmp_path)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+    assert not (tmp_path / "interim").exists()
+
+
+def test_rgb_channels_kept(datasets, tmp_path):
+    summary, _, images, _ = _load(datasets / "folders", DataParams(layout="folders", channels="rgb"), tmp_path)
+    assert summary["channels"] == 3 and images.shape[-1] == 3
+    assert np.array_equal(images[..., 0], images[..., 2])
