@@ -30,7 +30,8 @@ def friendly_errors(func: F) -> F:
         known: tuple[type[Exception], ...] = (InputError, ParamsError, RLEError, SubmissionError)
         try:
             from pipeline.model import CheckpointError
-            known += (CheckpointError,)
+            from pipeline.train import TrainingError
+            known += (CheckpointError, TrainingError)
         except ImportError:  # torch missing: only the torch-free commands can run anyway
             pass
         try:
@@ -110,3 +111,34 @@ def clean(interim: Annotated[Path, typer.Option(help="The load stage's folder (i
     from pipeline.params import load_params
 
     _echo_summary(stage.run(load_params(params).clean, interim, dedup, raw, out, metrics))
+
+
+@app.command()
+@friendly_errors
+def augment(interim: Annotated[Path, typer.Option(help="The load stage's folder (train images for the preview).")],
+            out: Annotated[Path, typer.Option(help="Where to save the albumentations pipeline (JSON).")],
+            preview: Annotated[Path, typer.Option(help="Where to write the preview grid PNG.")],
+            params: ParamsOpt = Path("params.yaml")) -> None:
+    """Build the augmentation pipeline from params, save it, and draw a preview of augmented samples."""
+    from pipeline import augment as stage
+    from pipeline.params import load_params
+
+    p = load_params(params)
+    _echo_summary(stage.run(p.augment, p.seed, (p.train.height, p.train.width), interim, out, preview))
+
+
+@app.command()
+@friendly_errors
+def train(interim: Annotated[Path, typer.Option(help="The load stage's folder (train image and mask arrays).")],
+          manifest: Annotated[Path, typer.Option(help="The cleaned manifest: the rows to train on.")],
+          augment: Annotated[Path, typer.Option(help="The augment stage's saved pipeline.")],
+          models: Annotated[Path, typer.Option(help="Folder for fold_K/best.pt and last.pt (kept for resuming).")],
+          oof: Annotated[Path, typer.Option(help="Folder for oof.npz (validation probabilities).")],
+          reports: Annotated[Path, typer.Option(help="dvclive folder: metrics.json and per-epoch plots.")],
+          params: ParamsOpt = Path("params.yaml")) -> None:
+    """Train the U-Net + presence head on subject-grouped folds; resumes from last.pt. Works under torchrun."""
+    from pipeline import train as stage
+    from pipeline.params import load_params
+
+    p = load_params(params)
+    _echo_summary(stage.run(p.train, p.seed, interim, manifest, augment, models, oof, reports))

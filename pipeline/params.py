@@ -76,7 +76,7 @@ class AugmentParams:
     scale: float = _range(ge=0.0, le=0.5, default=0.1)
     rotate: float = _range(ge=0.0, le=180.0, default=10.0)
     brightness_contrast_p: float = _range(ge=0.0, le=1.0, default=0.5)
-    brightness: float = _range(ge=0.0, le=1.0, default=0.2)
+    brightness: float = _range(ge=0.0, le=1.0, default=0.1)
     contrast: float = _range(ge=0.0, le=1.0, default=0.2)
     gamma_p: float = _range(ge=0.0, le=1.0, default=0.3)
     gamma_low: float = _range(gt=0.0, default=80.0)

@@ -1,0 +1,458 @@
+"""Train stage: U-Net + mask-presence head on subject-grouped folds, resumable, with OOF probabilities.
+
+Each trained fold writes `fold_K/best.pt` (best validation Dice) and `fold_K/last.pt`
+(after every epoch, with optimizer, scheduler, RNG state and a hash of params and
+inputs), so a killed run continues from its last finished epoch and ends with the
+same weights as an uninterrupted one. The validation probabilities of the best
+checkpoints go to `oof.npz` for the tune stage. The same code runs single-process
+or under `torchrun` (DistributedDataParallel); rank 0 writes every file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from pipeline.io import InputError, atomic_path
+from pipeline.metrics import dice_per_image
+from pipeline.model import build_model, save_checkpoint, split_outputs
+from pipeline.params import TrainParams, to_dict
+
+GATE = 0.5  # pixel and presence threshold for the monitoring Dice; the tune stage picks the real ones
+NOT_HASHED = ("workers", "threads")  # speed knobs: changing them must not restart training
+
+
+class TrainingError(ValueError):
+    """Training cannot go on (non-finite loss, too few subjects for the folds)."""
+
+
+# ---------------------------------------------------------------- folds, loss, metrics
+
+def subject_folds(subjects: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold index per image; every image of a subject lands in the same fold.
+
+    Subjects are shuffled by `seed`, then placed largest first into the fold with the
+    fewest images so far, so folds stay balanced after cleaning removed frames.
+    """
+    groups, inverse, counts = np.unique(np.asarray(subjects).astype(str), return_inverse=True, return_counts=True)
+    if len(groups) < folds:
+        raise TrainingError(f"train.folds: {folds} folds need at least {folds} subjects, the data has {len(groups)}")
+    order = np.random.default_rng(seed).permutation(len(groups))
+    order = order[np.argsort(-counts[order], kind="stable")]
+    sizes = np.zeros(folds, np.int64)
+    fold_of = np.empty(len(groups), np.int64)
+    for g in order:
+        fold_of[g] = int(np.argmin(sizes))
+        sizes[fold_of[g]] += counts[g]
+    return fold_of[inverse]
+
+
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - mean soft Dice over the images with a non-empty truth.
+
+    Empty images are left to the BCE terms and the presence head: a per-image soft Dice of
+    an empty truth only rewards predicting nothing, which fights the positives.
+    """
+    dims = tuple(range(1, probs.ndim))
+    truth_area = target.sum(dims)
+    positive = truth_area > 0
+    if not positive.any():
+        return probs.new_zeros(())
+    dice = (2 * (probs * target).sum(dims) + eps) / (probs.sum(dims) + truth_area + eps)
+    return 1 - dice[positive].mean()
+
+
+def compute_loss(mask_logits: torch.Tensor, presence_logit: torch.Tensor, target: torch.Tensor,
+                 t: TrainParams) -> torch.Tensor:
+    """bce_weight * pixel BCE + dice_weight * soft Dice + presence_weight * presence BCE."""
+    mask_logits, presence_logit = mask_logits.float(), presence_logit.float()
+    present = (target.flatten(1).amax(1) > 0).float()
+    return (t.bce_weight * F.binary_cross_entropy_with_logits(mask_logits, target)
+            + t.dice_weight * soft_dice_loss(torch.sigmoid(mask_logits), target)
+            + t.presence_weight * F.binary_cross_entropy_with_logits(presence_logit, present))
+
+
+def presence_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """ROC AUC from average ranks (Mann-Whitney U); NaN when one class is missing."""
+    labels = np.asarray(labels, bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    _, inverse, counts = np.unique(np.asarray(scores, np.float64), return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inverse]
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def evaluate(mask_prob: np.ndarray, presence_prob: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Competition Dice with presence gating at 0.5, presence accuracy/AUC, and the all-empty baseline."""
+    present = truth.reshape(len(truth), -1).any(axis=1)
+    pred = (mask_prob > GATE) & (presence_prob[:, None, None] > GATE)
+    return {"dice": float(dice_per_image(pred, truth).mean()),
+            "empty_dice": float((~present).mean()),
+            "presence_acc": float(((presence_prob > GATE) == present).mean()),
+            "presence_auc": presence_auc(presence_prob, present)}
+
+
+def pixel_stats(images: np.ndarray, chunk: int = 64) -> dict[str, float]:
+    """Exact pixel mean and std in [0, 1] units from a histogram (no float copy of the images)."""
+    counts = np.zeros(256, np.int64)
+    for start in range(0, len(images), chunk):
+        counts += np.bincount(np.asarray(images[start:start + chunk]).ravel(), minlength=256)
+    values = np.arange(256) / 255.0
+    mean = float((counts * values).sum() / counts.sum())
+    std = float(np.sqrt((counts * (values - mean) ** 2).sum() / counts.sum()))
+    return {"mean": mean, "std": max(std, 1e-6)}
+
+
+# ---------------------------------------------------------------- data and devices
+
+class Samples(torch.utils.data.Dataset):
+    """Working-size samples, normalised; augmented deterministically per (seed, epoch, index)."""
+
+    def __init__(self, images: np.ndarray, masks: np.ndarray, norm: dict[str, float], transform: Any, seed: int):
+        self.images, self.masks, self.norm, self.transform, self.seed = images, masks, norm, transform, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from pipeline import augment
+
+        image, mask = augment.apply(self.transform, self.images[i], self.masks[i],
+                                    augment.sample_seed(self.seed, self.epoch, i))
+        x = (torch.from_numpy(np.ascontiguousarray(image))[None] - self.norm["mean"]) / self.norm["std"]
+        return x, torch.from_numpy(np.ascontiguousarray(mask))[None].float()
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Where this process trains: device, mixed precision, and its place among torchrun ranks."""
+
+    device: torch.device
+    amp: bool
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def gather(self, obj: Any) -> list[Any]:
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on some rank."""
+        if self.world == 1:
+            return flag
+        x = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
+        return bool(x.item())
+
+
+def setup_runtime(t: TrainParams) -> Runtime:
+    """CUDA (bf16 autocast, channels_last) when present, else CPU with `train.threads` threads; joins torchrun's group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        per_proc = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+        torch.set_num_threads(t.threads or per_proc)
+    rank = 0
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        rank = torch.distributed.get_rank()
+    return Runtime(torch.device("cuda", local) if cuda else torch.device("cpu"), amp=cuda and t.amp,
+                   rank=rank, world=world)
+
+
+def _to_device(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    if rt.device.type == "cuda":
+        return x.to(rt.device, non_blocking=True, memory_format=torch.channels_last)
+    return x
+
+
+def _log(rt: Runtime, message: str) -> None:
+    if rt.main:
+        tqdm.write(message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------- one fold
+
+@dataclasses.dataclass(frozen=True)
+class Fold:
+    """One fold's data at the working size, plus everything that decides its training run."""
+
+    index: int
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    norm: dict[str, float]
+    run_hash: str
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: np.ndarray, masks: np.ndarray, fold: Fold, t: TrainParams,
+            rt: Runtime) -> tuple[np.ndarray, np.ndarray, float]:
+    """(mask_prob float16 (n,h,w), presence_prob float32 (n,), summed loss) for working-size images."""
+    model.eval()
+    probs, presence, loss_sum = [], [], 0.0
+    for start in range(0, len(images), t.batch_size):
+        x = torch.from_numpy(images[start:start + t.batch_size])[:, None]
+        x = _to_device((x - fold.norm["mean"]) / fold.norm["std"], rt)
+        y = torch.from_numpy(masks[start:start + t.batch_size])[:, None].float().to(rt.device)
+        with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.amp):
+            mask_logits, presence_logit = split_outputs(model(x))
+        loss_sum += float(compute_loss(mask_logits, presence_logit, y, t)) * len(x)
+        probs.append(torch.sigmoid(mask_logits.float())[:, 0].to(torch.float16).cpu().numpy())
+        presence.append(torch.sigmoid(presence_logit.float()).cpu().numpy().astype(np.float32))
+    h, w = images.shape[1:]
+    if not probs:
+        return np.zeros((0, h, w), np.float16), np.zeros(0, np.float32), 0.0
+    return np.concatenate(probs), np.concatenate(presence), loss_sum
+
+
+def validate(model: torch.nn.Module, fold: Fold, t: TrainParams, rt: Runtime) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Every rank predicts its strided share of the validation images; the shares are gathered
+    exactly (no padding duplicates), so all ranks hold the same probabilities and metrics."""
+    if rt.world > 1:  # each rank updated its own BatchNorm statistics: use rank 0's, the saved ones
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, 0)
+    share = np.arange(rt.rank, len(fold.x_val), rt.world)
+    probs, presence, loss_sum = predict(model, fold.x_val[share], fold.y_val[share], fold, t, rt)
+    parts = rt.gather((share, probs, presence, loss_sum))
+    order = np.concatenate([p[0] for p in parts]).argsort(kind="stable")
+    probs = np.concatenate([p[1] for p in parts])[order]
+    presence = np.concatenate([p[2] for p in parts])[order]
+    metrics = evaluate(probs, presence, fold.y_val)
+    metrics["loss"] = sum(p[3] for p in parts) / max(1, len(fold.x_val))
+    return probs, presence, metrics
+
+
+def train_epoch(model: torch.nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
+                scheduler: Any, t: TrainParams, rt: Runtime, desc: str) -> float:
+    """One pass over this rank's share of the training data; returns the mean loss over all ranks."""
+    model.train()
+    total = torch.zeros(2, device=rt.device)
+    for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not rt.main, mininterval=1.0):
+        x, y = _to_device(x, rt), y.to(rt.device, non_blocking=True)
+        with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.amp):
+            mask_logits, presence_logit = split_outputs(model(x))
+        loss = compute_loss(mask_logits, presence_logit, y, t)
+        if rt.any(not bool(torch.isfinite(loss))):
+            raise TrainingError(f"{desc}: the loss became {float(loss.detach())} (NaN/inf); lower train.lr "
+                                f"(now {t.lr}) or check the input images")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += torch.stack([loss.detach() * len(x), torch.tensor(float(len(x)), device=rt.device)])
+    if rt.world > 1:
+        torch.distributed.all_reduce(total)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def _resume_state(path: Path, run_hash: str, rt: Runtime) -> dict[str, Any] | None:
+    """last.pt's state when it was saved for the same params and inputs, else None (with the reason logged)."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file means: start over
+        _log(rt, f"{path}: unreadable ({exc}); starting this fold over")
+        return None
+    if state.get("run_hash") != run_hash:
+        _log(rt, f"{path}: saved for other train params or inputs; starting this fold over")
+        return None
+    return state
+
+
+def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Path, rt: Runtime,
+             live: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Train one fold (resuming from last.pt when it matches), then predict its validation images with best.pt."""
+    torch.manual_seed(seed + fold.index)  # each fold's start is independent of the folds before it
+    model = build_model(t).to(rt.device)
+    if rt.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    dataset = Samples(fold.x_train, fold.y_train, fold.norm, transform, seed)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=rt.world, rank=rt.rank, shuffle=True,
+                                                  seed=seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.workers,
+                                         pin_memory=rt.device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=t.lr, total_steps=t.epochs * len(loader),
+                                                    pct_start=0.2)
+    last, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
+    start, history, best = 0, [], -1.0
+    state = _resume_state(last, fold.run_hash, rt)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if rt.device.type == "cuda" and state["rng"]["cuda"] is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        start, history, best = state["epoch"], state["history"], state["best_dice"]
+        _log(rt, f"fold {fold.index}: resuming after epoch {start} of {t.epochs} from {last}")
+    for row in history:
+        _log_epoch(live, fold.index, row)
+    # static_graph: with encoder_depth < 5 smp keeps the encoder's deeper stages, which get no gradient
+    net = torch.nn.parallel.DistributedDataParallel(model, static_graph=True) if rt.world > 1 else model
+    for epoch in range(start, t.epochs):
+        began = time.perf_counter()
+        sampler.set_epoch(epoch)
+        dataset.epoch = epoch
+        lr = scheduler.get_last_lr()[0]
+        train_loss = train_epoch(net, loader, optimizer, scheduler, t, rt,
+                                 f"fold {fold.index} epoch {epoch + 1}/{t.epochs}")
+        _, _, val = validate(model, fold, t, rt)
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "val_loss": val["loss"],
+               "val_dice": val["dice"], "val_presence_acc": val["presence_acc"],
+               "val_presence_auc": val["presence_auc"], "seconds": time.perf_counter() - began}
+        history.append(row)
+        _log_epoch(live, fold.index, row)
+        _log(rt, f"fold {fold.index} epoch {epoch + 1}/{t.epochs}: train loss {train_loss:.4f}, val loss "
+                 f"{val['loss']:.4f}, val Dice {val['dice']:.4f} (all-empty {val['empty_dice']:.4f}), presence acc "
+                 f"{val['presence_acc']:.3f} AUC {val['presence_auc']:.3f}, {row['seconds']:.1f}s")
+        if rt.main:
+            if val["dice"] > best:
+                save_checkpoint(best_path, model, t, fold.norm, epoch=epoch + 1, metrics=val)
+            best = max(best, val["dice"])
+            cuda_rng = torch.cuda.get_rng_state() if rt.device.type == "cuda" else None
+            save_checkpoint(last, model, t, fold.norm, epoch=epoch + 1, optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict(), rng={"torch": torch.get_rng_state(), "cuda": cuda_rng},
+                            run_hash=fold.run_hash, history=history, best_dice=best)
+        rt.barrier()
+    best_state = torch.load(best_path, map_location=rt.device, weights_only=False)
+    model.load_state_dict(best_state["model"])
+    probs, presence, _ = validate(model, fold, t, rt)
+    return probs, presence, {"best_epoch": best_state["epoch"], "epochs": len(history),
+                             "train_images": len(fold.x_train), "val_images": len(fold.x_val)}
+
+
+def _log_epoch(live: Any, fold: int, row: dict[str, float]) -> None:
+    if live is None:
+        return
+    live.step = row["epoch"]
+    for name, value in row.items():
+        if name != "epoch":
+            live.log_metric(f"fold_{fold}/{name}", value)
+
+
+# ---------------------------------------------------------------- the stage
+
+def _run_hash(t: TrainParams, seed: int, norm: dict[str, float], augment_bytes: bytes, ids: list[str],
+              x: np.ndarray, y: np.ndarray, folds: np.ndarray) -> str:
+    """What decides the training run: resuming is only allowed when this is unchanged."""
+    h = hashlib.sha256()
+    knobs = {k: v for k, v in to_dict(t).items() if k not in NOT_HASHED}
+    h.update(json.dumps({"train": knobs, "seed": seed, "norm": norm}, sort_keys=True).encode())
+    for part in (augment_bytes, "\n".join(ids).encode(), x.tobytes(), y.tobytes(), folds.tobytes()):
+        h.update(part)
+    return h.hexdigest()
+
+
+def read_training_manifest(path: str | Path, n_rows: int) -> pd.DataFrame:
+    """The cleaned manifest's train rows; checks the columns training needs and the row range."""
+    path = Path(path)
+    try:
+        manifest = pd.read_csv(path, dtype={"id": str, "subject": str})
+    except FileNotFoundError:
+        raise InputError(f"{path}: manifest not found (run the clean stage)") from None
+    missing = {"id", "split", "row", "subject"} - set(manifest.columns)
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    manifest = manifest[manifest.split == "train"].reset_index(drop=True)
+    if manifest.empty:
+        raise InputError(f"{path}: no training rows")
+    bad = manifest[(manifest.row < 0) | (manifest.row >= n_rows)]
+    if len(bad):
+        raise InputError(f"{path}: row {int(bad.row.iloc[0])} (id {bad.id.iloc[0]}) is outside the "
+                         f"{n_rows} training images of the load stage")
+    return manifest
+
+
+def run(t: TrainParams, seed: int, interim_dir: str | Path, manifest_path: str | Path, augment_path: str | Path,
+        models_dir: str | Path, oof_dir: str | Path, reports_dir: str | Path) -> dict[str, Any]:
+    """Train `train.train_folds` of `train.folds` subject-grouped folds; returns the final metrics (rank 0)."""
+    from pipeline import augment
+    from pipeline.load import open_arrays
+
+    began = time.perf_counter()
+    rt = setup_runtime(t)
+    _log(rt, f"training on {rt.device.type}" + (f" x{rt.world} ranks" if rt.world > 1 else "")
+         + (", bf16 autocast" if rt.amp else f", {torch.get_num_threads()} threads" if rt.device.type == "cpu" else ""))
+    try:
+        images, masks = open_arrays(interim_dir, "train")
+        if images.ndim != 3:
+            raise InputError(f"{Path(interim_dir) / 'train_images.npy'}: training needs grayscale images "
+                             f"(data.channels: gray), got shape {images.shape}")
+        manifest = read_training_manifest(manifest_path, len(images))
+        rows = manifest.row.to_numpy()
+        transform = augment.load(augment_path)
+        norm = pixel_stats(images[rows])
+        x, y = augment.working_arrays(images[rows], masks[rows], (t.height, t.width))
+        folds = subject_folds(manifest.subject.to_numpy(), t.folds, seed)
+        run_hash = _run_hash(t, seed, norm, Path(augment_path).read_bytes(), manifest.id.tolist(), x, y, folds)
+        live = _open_live(reports_dir) if rt.main else None
+        oof_rows, oof_probs, oof_presence, per_fold = [], [], [], {}
+        for k in range(t.train_folds):
+            val = np.flatnonzero(folds == k)
+            tr = np.flatnonzero(folds != k)
+            fold = Fold(k, x[tr], y[tr], x[val], y[val], norm, run_hash)
+            probs, presence, info = fit_fold(fold, transform, t, seed, Path(models_dir) / f"fold_{k}", rt, live)
+            oof_rows.append(val)
+            oof_probs.append(probs)
+            oof_presence.append(presence)
+            per_fold[f"fold_{k}"] = {**info, **evaluate(probs, presence, fold.y_val)}
+        if not rt.main:
+            return {}
+        val_rows = np.concatenate(oof_rows)
+        probs, presence = np.concatenate(oof_probs), np.concatenate(oof_presence)
+        ids = manifest.id.to_numpy()[val_rows].astype(str)
+        with atomic_path(Path(oof_dir) / "oof.npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, ids=ids, mask_prob=probs, presence_prob=presence)
+        overall = evaluate(probs, presence, y[val_rows])
+        seconds = time.perf_counter() - began
+        summary = {**{k: round(v, 4) for k, v in overall.items()},
+                   "dice_gain": round(overall["dice"] - overall["empty_dice"], 4),
+                   "oof_images": int(len(val_rows)), "train_seconds": round(seconds, 1),
+                   "world_size": rt.world, **per_fold}
+        live.summary = summary
+        live.make_summary()
+        return summary
+    finally:
+        if rt.world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _open_live(reports_dir: str | Path) -> Any:
+    """dvclive writing plots/metrics/*.tsv and metrics.json; dvc.yaml declares them itself."""
+    from dvclive import Live
+
+    return Live(dir=str(reports_dir), dvcyaml=None, save_dvc_exp=False, report=None)

@@ -1,0 +1,201 @@
+"""The train stage: folds, loss, metrics, outputs, resuming, and its failure modes, on a tiny dataset."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline import augment, train
+from pipeline.cli import app
+from pipeline.load import read_manifest
+from pipeline.params import AugmentParams, TrainParams
+
+TINY = TrainParams(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 4), height=64, width=64,
+                   epochs=2, batch_size=8, folds=3, train_folds=1, lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_interim: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny interim data, a 'cleaned' manifest (all train rows) and a saved augmentation pipeline."""
+    d = tmp_path_factory.mktemp("train_inputs")
+    manifest = read_manifest(tiny_interim)
+    manifest[manifest.split == "train"].to_csv(d / "manifest.csv", index=False)
+    augment.save(augment.build(AugmentParams(), seed=1), d / "augment.json")
+    return {"interim": tiny_interim, "manifest": d / "manifest.csv", "augment": d / "augment.json"}
+
+
+def _run(t: TrainParams, inputs: dict[str, Path], out: Path, manifest: Path | None = None) -> dict:
+    return train.run(t, 5, inputs["interim"], manifest or inputs["manifest"], inputs["augment"], out / "models",
+                     out / "oof", out / "reports")
+
+
+# ---------------------------------------------------------------- folds
+
+def test_folds_never_put_a_subject_on_both_sides() -> None:
+    subjects = np.repeat(np.arange(12), np.random.default_rng(0).integers(5, 40, 12)).astype(str)
+    folds = train.subject_folds(subjects, 4, seed=42)
+    for k in range(4):
+        assert not set(subjects[folds == k]) & set(subjects[folds != k])
+    assert set(folds.tolist()) == {0, 1, 2, 3}
+    sizes = np.bincount(folds)
+    assert sizes.max() - sizes.min() <= 40  # greedy balancing: within one subject's size
+    assert np.array_equal(folds, train.subject_folds(subjects, 4, seed=42))
+
+
+def test_more_folds_than_subjects_is_an_error() -> None:
+    with pytest.raises(train.TrainingError, match="train.folds"):
+        train.subject_folds(np.array(["1", "1", "2"]), 3, seed=0)
+
+
+# ---------------------------------------------------------------- loss and metrics
+
+def test_soft_dice_on_hand_made_masks() -> None:
+    target = torch.zeros(3, 1, 4, 4)
+    target[0, 0, :2, :2] = 1  # 4 pixels
+    target[1, 0, 2:, 2:] = 1  # 4 pixels
+    probs = torch.zeros(3, 1, 4, 4)
+    probs[0, 0, :2, :2] = 1  # perfect
+    probs[1, 0, :2, :2] = 1  # disjoint, 4 pixels
+    probs[2] = 1  # an empty truth: left to BCE and the presence head
+    expected = 1 - ((2 * 4 + 1) / (8 + 1) + (0 + 1) / (8 + 1)) / 2
+    assert train.soft_dice_loss(probs, target).item() == pytest.approx(expected)
+    assert train.soft_dice_loss(probs[:1], target[:1]).item() == pytest.approx(0.0)
+    assert train.soft_dice_loss(probs[2:], target[2:]).item() == 0.0
+
+
+def test_total_loss_weights_its_three_terms() -> None:
+    target = torch.zeros(2, 1, 4, 4)
+    target[0, 0, :2, :] = 1  # 8 of 16 pixels; image 1 empty
+    logits, presence = torch.zeros(2, 1, 4, 4), torch.zeros(2)  # p = 0.5 everywhere
+    dice = 1 - (2 * 4 + 1) / (8 + 8 + 1)
+    for bce_w, dice_w, pres_w in [(1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (1.0, 1.0, 0.5)]:
+        t = dataclasses.replace(TINY, bce_weight=bce_w, dice_weight=dice_w, presence_weight=pres_w)
+        expected = bce_w * math.log(2) + dice_w * dice + pres_w * math.log(2)
+        assert train.compute_loss(logits, presence, target, t).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_presence_auc_matches_pair_counting_with_ties() -> None:
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 5, 60).astype(float)  # many ties
+    labels = rng.random(60) < 0.4
+    pos, neg = scores[labels], scores[~labels]
+    pairs = (pos[:, None] > neg[None]).mean() + 0.5 * (pos[:, None] == neg[None]).mean()
+    assert train.presence_auc(scores, labels) == pytest.approx(pairs)
+    assert train.presence_auc(np.array([0.1, 0.9]), np.array([False, True])) == 1.0
+    assert math.isnan(train.presence_auc(np.array([0.1, 0.9]), np.array([True, True])))
+
+
+def test_evaluate_gates_masks_by_presence_and_reports_the_empty_baseline() -> None:
+    truth = np.zeros((4, 8, 8), np.uint8)
+    truth[0, :4] = truth[1, :4] = 1
+    probs = np.zeros((4, 8, 8), np.float16)
+    probs[0, :4] = probs[1, :4] = probs[2, :4] = 0.9  # image 2: a false mask, but presence says no
+    presence = np.array([0.9, 0.2, 0.1, 0.1], np.float32)  # image 1: presence misses it
+    m = train.evaluate(probs, presence, truth)
+    assert m["dice"] == pytest.approx((1 + 0 + 1 + 1) / 4)
+    assert m["empty_dice"] == pytest.approx(0.5)
+    assert m["presence_acc"] == pytest.approx(0.75)
+
+
+def test_pixel_stats_are_exact() -> None:
+    images = np.random.default_rng(0).integers(0, 256, (5, 20, 30), dtype=np.uint8)
+    stats = train.pixel_stats(images, chunk=2)
+    assert stats["mean"] == pytest.approx(images.mean() / 255)
+    assert stats["std"] == pytest.approx(images.std() / 255)
+
+
+# ---------------------------------------------------------------- the stage
+
+@pytest.fixture(scope="module")
+def trained(inputs, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One uninterrupted tiny run, shared by the output checks and as the resume reference."""
+    out = tmp_path_factory.mktemp("trained")
+    return out, _run(TINY, inputs, out)
+
+
+def test_stage_writes_checkpoints_oof_and_dvclive_metrics(inputs, trained) -> None:
+    out, summary = trained
+    for name in ("best.pt", "last.pt"):
+        state = torch.load(out / "models" / "fold_0" / name, weights_only=False)
+        assert state["config"]["encoder_depth"] == 3 and set(state["norm"]) == {"mean", "std"}
+    oof = np.load(out / "oof" / "oof.npz")
+    assert set(oof.files) == {"ids", "mask_prob", "presence_prob"}
+    n = len(oof["ids"])
+    assert oof["mask_prob"].shape == (n, 64, 64) and oof["mask_prob"].dtype == np.float16
+    assert oof["presence_prob"].shape == (n,) and oof["presence_prob"].dtype == np.float32
+    manifest = pd.read_csv(inputs["manifest"], dtype={"id": str})
+    val_subjects = set(manifest.set_index("id").loc[oof["ids"], "subject"])
+    assert len(val_subjects) == 1 and n == (manifest.subject == next(iter(val_subjects))).sum()
+    metrics = json.loads((out / "reports" / "metrics.json").read_text())
+    assert {"dice", "empty_dice", "dice_gain", "presence_acc", "presence_auc"} <= set(metrics)
+    truth = np.load(inputs["interim"] / "train_masks.npy")[manifest.set_index("id").loc[oof["ids"], "row"]]
+    assert metrics["empty_dice"] == pytest.approx((truth.reshape(n, -1).max(1) == 0).mean(), abs=1e-4)
+    curve = (out / "reports" / "plots" / "metrics" / "fold_0" / "val_dice.tsv").read_text().splitlines()
+    assert curve[0] == "step\tval_dice" and len(curve) == 1 + TINY.epochs
+    assert summary["dice"] == metrics["dice"]
+
+
+def test_resume_after_interruption_ends_with_the_same_weights(inputs, trained, tmp_path, monkeypatch,
+                                                              capsys) -> None:
+    real, calls = train.train_epoch, []
+
+    def killed_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_epoch", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        _run(TINY, inputs, tmp_path)
+    assert torch.load(tmp_path / "models" / "fold_0" / "last.pt", weights_only=False)["epoch"] == 1
+    monkeypatch.setattr(train, "train_epoch", real)
+    _run(TINY, inputs, tmp_path)
+    assert "resuming after epoch 1 of 2" in capsys.readouterr().err
+    whole = torch.load(trained[0] / "models" / "fold_0" / "last.pt", weights_only=False)
+    cut = torch.load(tmp_path / "models" / "fold_0" / "last.pt", weights_only=False)
+    assert whole["model"].keys() == cut["model"].keys()
+    for key, value in whole["model"].items():
+        assert torch.equal(value, cut["model"][key]), key
+    a, b = np.load(trained[0] / "oof" / "oof.npz"), np.load(tmp_path / "oof" / "oof.npz")
+    assert np.array_equal(a["mask_prob"], b["mask_prob"])
+    curve = (tmp_path / "reports" / "plots" / "metrics" / "fold_0" / "val_dice.tsv").read_text()
+    assert len(curve.splitlines()) == 1 + TINY.epochs  # the resumed run re-logs the epoch it did not train
+
+
+def test_changed_params_start_over_instead_of_resuming(inputs, trained, tmp_path, capsys) -> None:
+    shutil.copytree(trained[0] / "models", tmp_path / "models")
+    _run(dataclasses.replace(TINY, lr=1e-3), inputs, tmp_path)
+    err = capsys.readouterr().err
+    assert "other train params or inputs; starting this fold over" in err and "resuming" not in err
+    state = torch.load(tmp_path / "models" / "fold_0" / "last.pt", weights_only=False)
+    assert len(state["history"]) == TINY.epochs
+
+
+def test_non_finite_loss_stops_with_a_clear_error(inputs, tmp_path, monkeypatch) -> None:
+    real = train.compute_loss
+    monkeypatch.setattr(train, "compute_loss", lambda *a: real(*a) * float("nan"))
+    with pytest.raises(train.TrainingError, match=r"fold 0 epoch 1/2: the loss became nan"):
+        _run(TINY, inputs, tmp_path)
+
+
+def test_cli_prints_training_errors_without_a_traceback(inputs, tmp_path) -> None:
+    manifest = pd.read_csv(inputs["manifest"], dtype={"id": str})
+    manifest[manifest.subject == manifest.subject.iloc[0]].to_csv(tmp_path / "one_subject.csv", index=False)
+    params = tmp_path / "params.yaml"
+    params.write_text("train:\n  folds: 3\n")
+    result = CliRunner().invoke(app, ["train", "--interim", str(inputs["interim"]), "--manifest",
+                                      str(tmp_path / "one_subject.csv"), "--augment", str(inputs["augment"]),
+                                      "--models", str(tmp_path / "m"), "--oof", str(tmp_path / "o"),
+                                      "--reports", str(tmp_path / "r"), "--params", str(params)])
+    assert result.exit_code == 1
+    assert "error: train.folds: 3 folds need at least 3 subjects, the data has 1" in result.output
+    assert "Traceback" not in result.output
