@@ -96,7 +96,7 @@ class TrainParams:
     presence_head: bool = True
     height: int = _range(ge=32, default=96)
     width: int = _range(ge=32, default=128)
-    epochs: int = _range(ge=1, default=8)
+    epochs: int = _range(ge=1, default=12)
     batch_size: int = _range(ge=1, default=16)
     lr: float = _range(gt=0.0, default=1e-3)
     weight_decay: float = _range(ge=0.0, default=1e-4)

@@ -101,6 +101,7 @@ def test_evaluate_gates_masks_by_presence_and_reports_the_empty_baseline() -> No
     presence = np.array([0.9, 0.2, 0.1, 0.1], np.float32)  # image 1: presence misses it
     m = train.evaluate(probs, presence, truth)
     assert m["dice"] == pytest.approx((1 + 0 + 1 + 1) / 4)
+    assert m["dice_tuned"] == pytest.approx(1.0)  # a presence threshold in (0.1, 0.2] gets all four right
     assert m["empty_dice"] == pytest.approx(0.5)
     assert m["presence_acc"] == pytest.approx(0.75)
 
