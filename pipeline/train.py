@@ -32,6 +32,7 @@ from pipeline.params import TrainParams, to_dict
 GATE = 0.5  # pixel and presence threshold for the monitoring Dice; the tune stage picks the real ones
 PRESENCE_GRID = np.round(np.arange(0.05, 1.0, 0.05), 2)
 NOT_HASHED = ("workers", "threads")  # speed knobs: changing them must not restart training
+HASHED_CODE = ("train.py", "model.py", "augment.py", "metrics.py")  # a code change restarts training too
 
 
 class TrainingError(ValueError):
@@ -382,11 +383,15 @@ def _log_epoch(live: Any, fold: int, row: dict[str, float]) -> None:
 
 def _run_hash(t: TrainParams, seed: int, norm: dict[str, float], augment_bytes: bytes, ids: list[str],
               x: np.ndarray, y: np.ndarray, folds: np.ndarray) -> str:
-    """What decides the training run: resuming is only allowed when this is unchanged."""
+    """What decides the training run: resuming is only allowed when this is unchanged.
+
+    DVC re-runs the stage both after a kill and after an edit of its code; only the first may resume.
+    """
     h = hashlib.sha256()
     knobs = {k: v for k, v in to_dict(t).items() if k not in NOT_HASHED}
     h.update(json.dumps({"train": knobs, "seed": seed, "norm": norm}, sort_keys=True).encode())
-    for part in (augment_bytes, "\n".join(ids).encode(), x.tobytes(), y.tobytes(), folds.tobytes()):
+    code = [(Path(__file__).parent / name).read_bytes() for name in HASHED_CODE]
+    for part in (*code, augment_bytes, "\n".join(ids).encode(), x.tobytes(), y.tobytes(), folds.tobytes()):
         h.update(part)
     return h.hexdigest()
 
