@@ -74,12 +74,13 @@ def working_arrays(images: np.ndarray, masks: np.ndarray, size: tuple[int, int])
     """
     xs, ys = [], []
     for start in range(0, len(images), CHUNK):
-        xs.append(preprocess(images[start:start + CHUNK], size, 0.0, 1.0)[:, 0].numpy())
+        x = preprocess(images[start:start + CHUNK], size, 0.0, 1.0).permute(0, 2, 3, 1)  # channels last
+        xs.append((x[..., 0] if x.shape[-1] == 1 else x).numpy())
         m = np.asarray(masks[start:start + CHUNK], dtype=np.uint8) * np.uint8(255)
         ys.append((preprocess(m, size, 0.0, 1.0)[:, 0] >= 0.5).numpy().astype(np.uint8))
     h, w = size
     if not xs:
-        return np.zeros((0, h, w), np.float32), np.zeros((0, h, w), np.uint8)
+        return np.zeros((0, h, w) + images.shape[3:], np.float32), np.zeros((0, h, w), np.uint8)
     return np.concatenate(xs), np.concatenate(ys)
 
 

@@ -24,13 +24,19 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used with the current configuration."""
 
 
-def build_model(t: TrainParams) -> torch.nn.Module:
+def build_model(t: TrainParams, in_channels: int = 1) -> torch.nn.Module:
+    """smp U-Net; `in_channels` follows the data (1 for gray, 3 for `data.channels: rgb`)."""
     import segmentation_models_pytorch as smp
 
     aux = dict(classes=1, dropout=0.2) if t.presence_head else None
     return smp.Unet(encoder_name=t.encoder, encoder_depth=t.encoder_depth,
                     encoder_weights=None if t.encoder_weights == "none" else t.encoder_weights,
-                    decoder_channels=list(t.decoder_channels), in_channels=1, classes=1, aux_params=aux)
+                    decoder_channels=list(t.decoder_channels), in_channels=in_channels, classes=1, aux_params=aux)
+
+
+def input_channels(model: torch.nn.Module) -> int:
+    """Channels the network takes: those of its first convolution."""
+    return next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
 
 
 def split_outputs(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,14 +51,21 @@ def split_outputs(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return output, output.amax(dim=(1, 2, 3))
 
 
-def model_config(t: TrainParams) -> dict[str, Any]:
+def model_config(t: TrainParams, in_channels: int = 1) -> dict[str, Any]:
     """The params that decide the network's shape: a checkpoint is only valid for the same ones."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(t).items() if k in MODEL_KEYS}
+    config = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(t).items() if k in MODEL_KEYS}
+    return {**config, "in_channels": in_channels}
+
+
+def channels_first(batch: np.ndarray) -> torch.Tensor:
+    """A numpy batch (N,H,W) or channels-last (N,H,W,C) -> tensor (N,C,H,W), same dtype."""
+    x = torch.from_numpy(np.ascontiguousarray(batch))
+    return x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
 
 
 def preprocess(images: np.ndarray, size: tuple[int, int], mean: float, std: float) -> torch.Tensor:
-    """uint8 (N,H,W) -> normalised float (N,1,h,w) at the working size."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0).unsqueeze(1)
+    """uint8 (N,H,W) or (N,H,W,C) -> normalised float (N,C,h,w) at the working size."""
+    x = channels_first(images).float().div_(255.0)
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     return (x - mean) / std
@@ -68,7 +81,8 @@ def to_native(probs: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 def save_checkpoint(path: str | Path, model: torch.nn.Module, t: TrainParams, norm: dict[str, float],
                     **extra: Any) -> None:
     """Atomically save weights with everything needed to rebuild and feed the model."""
-    state = {"model": model.state_dict(), "config": model_config(t), "norm": dict(norm), **extra}
+    state = {"model": model.state_dict(), "config": model_config(t, input_channels(model)), "norm": dict(norm),
+             **extra}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -85,11 +99,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
         raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
     if not isinstance(state, dict) or not {"model", "config", "norm"} <= set(state):
         raise CheckpointError(f"{path}: not a pipeline checkpoint (missing model/config/norm)")
-    if expect is not None and state["config"] != model_config(expect):
-        diff = {k: (state["config"].get(k), v) for k, v in model_config(expect).items() if state["config"].get(k) != v}
+    config = dict(state["config"])
+    in_channels = config.pop("in_channels", 1)
+    if expect is not None and config != {k: v for k, v in model_config(expect).items() if k != "in_channels"}:
+        diff = {k: (config.get(k), v) for k, v in model_config(expect).items() if k in config and config[k] != v}
         raise CheckpointError(f"{path}: saved for a different model config: "
                               + ", ".join(f"train.{k} was {a!r}, params say {b!r}" for k, (a, b) in diff.items()))
-    t = _build(TrainParams, state["config"], "train")
-    model = build_model(dataclasses.replace(t, encoder_weights="none"))
+    t = _build(TrainParams, config, "train")
+    model = build_model(dataclasses.replace(t, encoder_weights="none"), in_channels)
     model.load_state_dict(state["model"])
     return model, state

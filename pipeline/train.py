@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from pipeline.io import InputError, atomic_path
 from pipeline.metrics import dice_per_image
-from pipeline.model import build_model, save_checkpoint, split_outputs
+from pipeline.model import build_model, channels_first, save_checkpoint, split_outputs
 from pipeline.params import TrainParams, to_dict
 
 GATE = 0.5  # pixel and presence threshold for the monitoring Dice; the tune stage picks the real ones
@@ -144,7 +144,7 @@ class Samples(torch.utils.data.Dataset):
 
         image, mask = augment.apply(self.transform, self.images[i], self.masks[i],
                                     augment.sample_seed(self.seed, self.epoch, i))
-        x = (torch.from_numpy(np.ascontiguousarray(image))[None] - self.norm["mean"]) / self.norm["std"]
+        x = (channels_first(image[None])[0] - self.norm["mean"]) / self.norm["std"]
         return x, torch.from_numpy(np.ascontiguousarray(mask))[None].float()
 
 
@@ -235,7 +235,7 @@ def predict(model: torch.nn.Module, images: np.ndarray, masks: np.ndarray, fold:
     model.eval()
     probs, presence, loss_sum = [], [], 0.0
     for start in range(0, len(images), t.batch_size):
-        x = torch.from_numpy(images[start:start + t.batch_size])[:, None]
+        x = channels_first(images[start:start + t.batch_size])
         x = _to_device((x - fold.norm["mean"]) / fold.norm["std"], rt)
         y = torch.from_numpy(masks[start:start + t.batch_size])[:, None].float().to(rt.device)
         with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.amp):
@@ -243,7 +243,7 @@ def predict(model: torch.nn.Module, images: np.ndarray, masks: np.ndarray, fold:
         loss_sum += float(compute_loss(mask_logits, presence_logit, y, t)) * len(x)
         probs.append(torch.sigmoid(mask_logits.float())[:, 0].to(torch.float16).cpu().numpy())
         presence.append(torch.sigmoid(presence_logit.float()).cpu().numpy().astype(np.float32))
-    h, w = images.shape[1:]
+    h, w = images.shape[1:3]
     if not probs:
         return np.zeros((0, h, w), np.float16), np.zeros(0, np.float32), 0.0
     return np.concatenate(probs), np.concatenate(presence), loss_sum
@@ -308,7 +308,7 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
              live: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Train one fold (resuming from last.pt when it matches), then predict its validation images with best.pt."""
     torch.manual_seed(seed + fold.index)  # each fold's start is independent of the folds before it
-    model = build_model(t).to(rt.device)
+    model = build_model(t, in_channels=1 if fold.x_train.ndim == 3 else fold.x_train.shape[3]).to(rt.device)
     if rt.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     dataset = Samples(fold.x_train, fold.y_train, fold.norm, transform, seed)
@@ -428,9 +428,6 @@ def run(t: TrainParams, seed: int, interim_dir: str | Path, manifest_path: str |
          + (", bf16 autocast" if rt.amp else f", {torch.get_num_threads()} threads" if rt.device.type == "cpu" else ""))
     try:
         images, masks = open_arrays(interim_dir, "train")
-        if images.ndim != 3:
-            raise InputError(f"{Path(interim_dir) / 'train_images.npy'}: training needs grayscale images "
-                             f"(data.channels: gray), got shape {images.shape}")
         manifest = read_training_manifest(manifest_path, len(images))
         rows = manifest.row.to_numpy()
         transform = augment.load(augment_path)
