@@ -80,6 +80,9 @@ def validate(submission: Annotated[Path, typer.Argument(help="Submission CSV to 
     """Check a submission file: header, ids, and every run-length string."""
     from pipeline.rle import validate_submission
 
+    if test_dir and not test_dir.is_dir():
+        from pipeline.io import InputError
+        raise InputError(f"{test_dir}: test folder not found")
     ids = sorted(p.stem for p in test_dir.glob("*.tif")) if test_dir else None
     rows = validate_submission(submission, ids, (height, width))
     typer.echo(f"{submission}: valid ({rows} rows)")
@@ -142,3 +145,34 @@ def train(interim: Annotated[Path, typer.Option(help="The load stage's folder (t
 
     p = load_params(params)
     _echo_summary(stage.run(p.train, p.seed, interim, manifest, augment, models, oof, reports))
+
+
+@app.command()
+@friendly_errors
+def tune(oof: Annotated[Path, typer.Option(help="The train stage's folder with oof.npz.")],
+         interim: Annotated[Path, typer.Option(help="The load stage's folder (true train masks, manifest).")],
+         out: Annotated[Path, typer.Option(help="Where to write the chosen thresholds (JSON).")],
+         reports: Annotated[Path, typer.Option(help="Folder for grid.csv, the plots and metrics.json.")],
+         params: ParamsOpt = Path("params.yaml")) -> None:
+    """Pick pixel / presence / min-area thresholds by mean Dice on out-of-fold predictions."""
+    from pipeline import tune as stage
+    from pipeline.params import load_params
+
+    _echo_summary(stage.run(oof, interim, out, reports, load_params(params).tune))
+
+
+@app.command()
+@friendly_errors
+def predict(interim: Annotated[Path, typer.Option(help="The load stage's folder (test images, manifest).")],
+            models: Annotated[Path, typer.Option(help="Folder of fold_K/best.pt checkpoints; all are averaged.")],
+            thresholds: Annotated[Path, typer.Option(help="The tune stage's thresholds JSON.")],
+            raw: Annotated[Path, typer.Option(help="Dataset folder; its truth/ (synthetic data only) is scored against.")],
+            out: Annotated[Path, typer.Option(help="Where to write the submission CSV.")],
+            metrics: Annotated[Path, typer.Option(help="Where to write the summary metrics JSON.")],
+            params: ParamsOpt = Path("params.yaml")) -> None:
+    """Predict the test images and write a validated run-length-encoded submission."""
+    from pipeline import predict as stage
+    from pipeline.params import load_params
+
+    p = load_params(params)
+    _echo_summary(stage.run(interim, models, thresholds, raw, out, metrics, p.predict, p.data))

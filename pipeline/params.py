@@ -112,9 +112,14 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class TuneParams:
-    pixel_thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
-    presence_thresholds: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
-    min_areas: tuple[int, ...] = (0, 500, 1000, 2000, 3000, 4000)
+    """The joint search grid; each list must be non-empty (an empty axis would search nothing).
+
+    Presence 0 and min area 0 switch those gates off, so the search can choose not to gate.
+    """
+    pixel_thresholds: tuple[float, ...] = _range(ge=0.0, le=1.0, default=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7))
+    presence_thresholds: tuple[float, ...] = _range(ge=0.0, le=1.0,
+                                                    default=(0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9))
+    min_areas: tuple[int, ...] = _range(ge=0, default=(0, 250, 500, 1000, 1500, 2000, 3000))
 
 
 @dataclass(frozen=True)

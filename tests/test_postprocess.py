@@ -20,6 +20,10 @@ def test_gates_make_whole_masks_empty():
     assert out.sum(axis=(1, 2)).tolist() == [0, 0, 0, 5]  # 0, 2: too small; 1: gated by presence
     out = apply(prob, presence, Thresholds(pixel=0.5, presence=0.5, min_area=4))
     assert out.sum(axis=(1, 2)).tolist() == [4, 0, 4, 5]  # area equal to min_area is kept
+    out = apply(prob, presence, Thresholds(pixel=0.5, presence=0.2, min_area=0))
+    assert out.sum(axis=(1, 2)).tolist() == [4, 4, 4, 5]  # presence equal to the threshold is kept
+    out = apply(prob, np.zeros(4, np.float32), Thresholds(pixel=0.5, presence=0.0, min_area=0))
+    assert out.sum(axis=(1, 2)).tolist() == [4, 4, 4, 5]  # presence 0 switches the gate off
     out = apply(prob, presence, Thresholds(pixel=0.95, presence=0.0, min_area=0))
     assert not out.any()
     assert (prob[:, :2, :2] == np.float32(0.9)).all()      # input untouched
@@ -33,7 +37,7 @@ def test_apply_matches_a_per_image_loop():
     expected = []
     for p, s in zip(prob, presence):
         m = p > t.pixel
-        expected.append(m if s > t.presence and m.sum() >= t.min_area else np.zeros_like(m))
+        expected.append(m if s >= t.presence and m.sum() >= t.min_area else np.zeros_like(m))
     assert np.array_equal(apply(prob, presence, t), np.stack(expected))
 
 

@@ -1,0 +1,112 @@
+"""Predict stage: trained folds -> thresholded test masks -> a validated run-length submission.
+
+All folds' checkpoints are averaged (optionally with their horizontal-flip views) in
+probability space at the working size, mapped back to the native grid with the same
+`to_native` the OOF scores used, and thresholded by the tuned `postprocess` rules.
+The file is validated before it is moved into place, so an invalid submission never
+appears at the output path. On synthetic data the generator's true test masks exist,
+and the submission is scored against them.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import rle
+from pipeline.io import InputError, atomic_path, write_json
+from pipeline.load import open_arrays, read_manifest
+from pipeline.metrics import dice_per_image
+from pipeline.model import CheckpointError, load_checkpoint, preprocess, split_outputs, to_native
+from pipeline.params import DataParams, PredictParams
+from pipeline.postprocess import Thresholds, apply, read_thresholds
+
+TRUTH = Path("truth") / "test_masks.csv"
+
+
+class Ensemble:
+    """The fold models, each with its own normalisation, sharing one working size."""
+
+    def __init__(self, models_dir: str | Path, device: torch.device) -> None:
+        self.paths = sorted(Path(models_dir).glob("fold_*/best.pt"))
+        if not self.paths:
+            raise CheckpointError(f"{models_dir}: no fold_*/best.pt checkpoints (run the train stage)")
+        loaded = [load_checkpoint(path, map_location="cpu") for path in self.paths]
+        sizes = {(state["config"]["height"], state["config"]["width"]) for _, state in loaded}
+        if len(sizes) > 1:
+            raise CheckpointError(f"{models_dir}: folds were trained at different sizes {sorted(sizes)}")
+        self.size = sizes.pop()
+        self.device = device
+        self.members = [(model.to(device).eval(), state["norm"]) for model, state in loaded]
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray, tta_flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images -> (mask probabilities (N,1,h,w), presence probabilities (N,)), averaged."""
+        mask, presence, views = 0.0, 0.0, 0
+        for model, norm in self.members:
+            x = preprocess(images, self.size, norm["mean"], norm["std"]).to(self.device)
+            for flip in (False, True) if tta_flip else (False,):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                    logits, label = split_outputs(model(x.flip(-1) if flip else x))
+                prob = torch.sigmoid(logits.float())
+                mask = mask + (prob.flip(-1) if flip else prob)
+                presence = presence + torch.sigmoid(label.float())
+                views += 1
+        return mask / views, presence / views
+
+
+def _truth(raw_dir: str | Path, ids: list[str], shape: tuple[int, int]) -> dict[str, str] | None:
+    """The generator's true test masks (synthetic data only, Kaggle encoding), checked; else None."""
+    path = Path(raw_dir) / TRUTH
+    if not path.exists():
+        return None
+    rle.validate_submission(path, ids, shape, numeric_ids=False)
+    return dict(rle.read_rows(path)[1:])
+
+
+def run(interim_dir: str | Path, models_dir: str | Path, thresholds_path: str | Path, raw_dir: str | Path,
+        out: str | Path, metrics_path: str | Path, p: PredictParams, data: DataParams = DataParams()
+        ) -> dict[str, float]:
+    thresholds: Thresholds = read_thresholds(thresholds_path)
+    manifest = read_manifest(interim_dir)
+    test = manifest[manifest.split == "test"].sort_values("row")
+    images, _ = open_arrays(interim_dir, "test")
+    if len(test) != len(images):
+        raise InputError(f"{interim_dir}: manifest lists {len(test)} test images, test_images.npy holds {len(images)}")
+    ids = test.id.tolist()
+    shape = tuple(images.shape[1:3])
+    order, start = ("F" if data.rle_order == "column" else "C"), data.rle_start
+    truth = _truth(raw_dir, ids, shape)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ensemble = Ensemble(models_dir, device)
+
+    encoded: dict[str, str] = {}
+    dice, truth_empty = [], []
+    for begin in tqdm(range(0, len(ids), p.batch_size), desc="predict test", unit="batch", mininterval=1.0):
+        batch_ids = ids[begin:begin + p.batch_size]
+        batch = np.array(images[begin:begin + p.batch_size])  # a writable copy of the memory-mapped rows
+        mask_prob, presence = ensemble(batch, p.tta_flip)
+        masks = apply(to_native(mask_prob, shape).cpu().numpy(), presence.cpu().numpy(), thresholds)
+        encoded.update((i, rle.encode(m, order, start)) for i, m in zip(batch_ids, masks))
+        if truth is not None:
+            true = np.stack([rle.decode(truth[i], shape) for i in batch_ids])
+            dice.append(dice_per_image(masks, true))
+            truth_empty.append(~true.any(axis=(1, 2)))
+
+    numeric = all(i.isdigit() for i in ids)
+    rows = sorted(encoded.items(), key=lambda kv: int(kv[0]) if numeric else kv[0])
+    with atomic_path(out) as tmp:
+        tmp.write_text(",".join(data.submission_columns) + "\n" + "".join(f"{i},{r}\n" for i, r in rows))
+        rle.validate_submission(tmp, ids, shape, columns=data.submission_columns, start=start, numeric_ids=numeric)
+    empty = sum(r == "" for _, r in rows)
+    metrics: dict[str, float] = {"test_images": len(rows), "predicted_empty": empty,
+                                 "predicted_empty_fraction": round(empty / len(rows), 5),
+                                 "models": len(ensemble.paths), "tta_views": 2 if p.tta_flip else 1}
+    if truth is not None:  # only possible on synthetic data: real test labels are hidden
+        metrics |= {"synthetic_test_dice": round(float(np.concatenate(dice).mean()), 5),
+                    "synthetic_test_all_empty_dice": round(float(np.concatenate(truth_empty).mean()), 5),
+                    "synthetic_test_images": len(rows)}
+    write_json(metrics_path, metrics)
+    return metrics

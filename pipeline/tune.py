@@ -1,0 +1,168 @@
+"""Tune stage: pick the pixel, presence and minimum-area thresholds on out-of-fold predictions.
+
+The score is the leaderboard's: mean per-image Dice at native resolution. Only the pixel
+threshold needs the pixels, so one pass over the upsampled OOF probabilities counts, per
+image and for every pixel threshold at once, the predicted area and its overlap with the
+truth. Every presence x min-area combination is then arithmetic on those counts.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from pipeline.io import InputError, save_figure, write_csv, write_json
+from pipeline.load import open_arrays, read_manifest
+from pipeline.metrics import dice_from_counts
+from pipeline.model import to_native
+from pipeline.params import TuneParams
+from pipeline.postprocess import Thresholds, keep
+
+CHUNK = 32  # images upsampled at once: 32 x 420 x 580 float32 is about 31 MB
+OOF_KEYS = ("ids", "mask_prob", "presence_prob")
+
+
+def load_oof(oof_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, mask_prob (N,h,w), presence_prob (N,) float32) from the train stage's oof.npz, checked."""
+    path = Path(oof_dir) / "oof.npz"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in OOF_KEYS if k not in data]
+            if missing:
+                raise InputError(f"{path}: missing key(s) {', '.join(missing)} (expected {', '.join(OOF_KEYS)})")
+            ids, mask_prob, presence = (data[k] for k in OOF_KEYS)
+    except FileNotFoundError:
+        raise InputError(f"{path}: out-of-fold predictions not found (run the train stage)") from None
+    except (OSError, ValueError) as exc:
+        hint = "; save ids as a str array, not objects" if "allow_pickle" in str(exc) else ""
+        raise InputError(f"{path}: unreadable ({exc}{hint})") from None
+    n = len(ids)
+    if n == 0 or mask_prob.ndim != 3 or mask_prob.shape[0] != n or presence.shape != (n,):
+        raise InputError(f"{path}: inconsistent shapes: ids {ids.shape}, mask_prob {mask_prob.shape}, "
+                         f"presence_prob {presence.shape}")
+    return ids.astype(str), mask_prob, presence.astype(np.float32)
+
+
+def train_rows(interim_dir: str | Path, ids: np.ndarray) -> np.ndarray:
+    """Rows of the train arrays for `ids`; an id the load stage does not know is an error."""
+    manifest = read_manifest(interim_dir)
+    train = manifest[manifest.split == "train"].set_index("id")["row"]
+    unknown = [i for i in ids if i not in train.index]
+    if unknown:
+        raise InputError(f"{len(unknown)} OOF id(s) not among the train images of {interim_dir}, "
+                         f"e.g. {', '.join(unknown[:5])}")
+    if len(set(ids)) != len(ids):
+        raise InputError("duplicate ids in the out-of-fold predictions")
+    return train.loc[ids].to_numpy()
+
+
+def count(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray,
+          pixel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image overlap (T,N), predicted area (T,N) and true area (N,) at native size.
+
+    `pixel` must be sorted ascending. Each pixel gets the number of thresholds it beats
+    (plus an offset when it is true foreground); one bincount per image then gives every
+    threshold's counts. Matches `postprocess.binarize` exactly (same float32 comparison).
+    """
+    n_bins = len(pixel) + 1
+    dtype = np.min_scalar_type(2 * n_bins)
+    shape = truth.shape[1:]
+    counts = np.empty((len(rows), 2, n_bins), np.int64)
+    for start in tqdm(range(0, len(rows), CHUNK), desc="tune: count", unit="chunk", mininterval=1.0):
+        stop = min(start + CHUNK, len(rows))
+        low = torch.from_numpy(np.asarray(mask_prob[start:stop], np.float32))[:, None]
+        prob = to_native(low, shape).numpy()
+        bins = np.asarray(truth[rows[start:stop]], dtype) * dtype.type(n_bins)
+        for t in pixel:
+            bins += prob > t
+        counts[start:stop] = [np.bincount(b.ravel(), minlength=2 * n_bins).reshape(2, n_bins) for b in bins]
+    above = np.cumsum(counts[..., ::-1], axis=-1)[..., ::-1]  # above[..., j]: pixels beating j thresholds
+    inter = above[:, 1, 1:].T
+    area = above[:, :, 1:].sum(axis=1).T
+    return inter, area, counts[:, 1].sum(axis=1)
+
+
+def grid_dice(inter: np.ndarray, area: np.ndarray, truth_area: np.ndarray, presence_prob: np.ndarray,
+              presence: np.ndarray | float, min_area: np.ndarray | int) -> np.ndarray:
+    """Mean Dice over images (last axis) for broadcast presence / min-area gates.
+
+    A gated-off image predicts empty: it scores 1 when its truth is empty, else 0.
+    """
+    kept = keep(presence_prob, area, presence, min_area)
+    dice = np.where(kept, dice_from_counts(inter, area, truth_area), truth_area == 0)
+    return dice.mean(axis=-1)
+
+
+def _heatmap(grid: pd.DataFrame, pixel: float, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = grid[grid.pixel == pixel].pivot(index="presence", columns="min_area", values="dice")
+    fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 2, 0.6 * table.shape[0] + 1.5))
+    im = ax.imshow(table.to_numpy(), cmap="viridis", aspect="auto", origin="lower")
+    ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns])
+    ax.set_yticks(range(table.shape[0]), [f"{r:g}" for r in table.index])
+    for (r, c), v in np.ndenumerate(table.to_numpy()):
+        ax.text(c, r, f"{v:.3f}", ha="center", va="center", fontsize=7, color="w" if v < table.values.mean() else "k")
+    ax.set_xlabel("min_area (pixels)")
+    ax.set_ylabel("presence threshold")
+    ax.set_title(f"OOF mean Dice at pixel threshold {pixel:g}")
+    fig.colorbar(im, ax=ax)
+    save_figure(fig, path)
+
+
+def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_prob: np.ndarray,
+           p: TuneParams) -> tuple[pd.DataFrame, Thresholds, dict[str, float]]:
+    """Score every grid candidate; returns (one row per candidate, the best, metrics).
+
+    The metrics put the best next to the baselines it must beat: predicting all empty,
+    tuning without the presence gate, and the untuned 0.5 / 0.5 / 0 defaults.
+    """
+    default = Thresholds()
+    pixel = np.unique(np.array(p.pixel_thresholds + (default.pixel,), np.float32))
+    inter, area, truth_area = count(mask_prob, truth, rows, pixel)
+    grid_pixel = np.unique(np.array(p.pixel_thresholds, np.float32))
+    presence = np.unique(np.array(p.presence_thresholds, np.float32))
+    min_area = np.unique(np.array(p.min_areas, np.int64))
+    at = np.searchsorted(pixel, grid_pixel)
+    scores = grid_dice(inter[at, None, None], area[at, None, None], truth_area, presence_prob,
+                       presence[None, :, None, None], min_area[None, None, :, None])
+    best = np.unravel_index(np.argmax(scores), scores.shape)  # ties: the lowest thresholds win
+    chosen = Thresholds(pixel=round(float(grid_pixel[best[0]]), 6), presence=round(float(presence[best[1]]), 6),
+                        min_area=int(min_area[best[2]]))
+    ungated = grid_dice(inter[at, None], area[at, None], truth_area, presence_prob, 0.0, min_area[None, :, None])
+    d = int(np.searchsorted(pixel, np.float32(default.pixel)))
+    metrics = {
+        "dice_best": float(scores[best]),
+        "dice_default": float(grid_dice(inter[d], area[d], truth_area, presence_prob, np.float32(default.presence),
+                                        default.min_area)),
+        "dice_no_presence_gate": float(ungated.max()),
+        "dice_all_empty": float(np.mean(truth_area == 0)),
+        "images": len(rows),
+        "candidates": int(scores.size),
+        **{f"best_{k}": v for k, v in chosen.to_dict().items()},
+    }
+    pp, pr, ma = np.meshgrid(grid_pixel, presence, min_area, indexing="ij")
+    grid = pd.DataFrame({"pixel": pp.ravel().astype(float).round(6), "presence": pr.ravel().astype(float).round(6),
+                         "min_area": ma.ravel(), "dice": scores.ravel()})
+    return grid, chosen, {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
+
+
+def run(oof_dir: str | Path, interim_dir: str | Path, out: str | Path, reports_dir: str | Path,
+        p: TuneParams) -> dict[str, float]:
+    ids, mask_prob, presence_prob = load_oof(oof_dir)
+    rows = train_rows(interim_dir, ids)
+    _, truth = open_arrays(interim_dir, "train")
+    grid, chosen, metrics = search(mask_prob, truth, rows, presence_prob, p)
+    reports = Path(reports_dir)
+    write_csv(reports / "grid.csv", grid.round({"dice": 6}))
+    for name in ("pixel", "presence", "min_area"):  # profile: best Dice at each value of one threshold
+        write_csv(reports / f"dice_vs_{name}.csv", grid.groupby(name, as_index=False)["dice"].max().round(6))
+    _heatmap(grid, chosen.pixel, reports / "heatmap.png")
+    write_json(reports / "metrics.json", metrics)
+    write_json(out, chosen.to_dict())
+    return metrics

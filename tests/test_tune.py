@@ -1,0 +1,167 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from pipeline import tune
+from pipeline.cli import app
+from pipeline.io import InputError
+from pipeline.load import open_arrays, read_manifest
+from pipeline.metrics import mean_dice
+from pipeline.model import to_native
+from pipeline.params import ParamsError, TuneParams, parse_params
+from pipeline.postprocess import Thresholds, apply
+
+PLANTED = TuneParams(pixel_thresholds=(0.5, 0.3, 0.4), presence_thresholds=(0.6, 0.7, 0.8), min_areas=(0, 50, 120))
+
+
+def _planted() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """12 images of 32x32 whose only perfect thresholds are pixel 0.4, presence 0.7, min_area 50.
+
+    4 nerves (10x10 at p=0.45, a 2-px ring at p=0.35 that 0.3 would add, presence 0.75 that
+    0.8 would gate), 3 empty frames with a large false blob (presence 0.65: only 0.7 gates it),
+    3 empty frames with a 25-px speck (presence 0.9: only min_area 50 removes it), 2 clean empties.
+    """
+    prob = np.zeros((12, 32, 32), np.float32)
+    truth = np.zeros((12, 32, 32), np.uint8)
+    presence = np.zeros(12, np.float32)
+    for i in range(4):
+        r, c = 4 + 4 * i, 3 + 5 * i
+        prob[i, r - 2:r + 12, c - 2:c + 12] = 0.35
+        prob[i, r:r + 10, c:c + 10] = 0.45
+        truth[i, r:r + 10, c:c + 10] = 1
+        presence[i] = 0.75
+    prob[4:7, 5:17, 8:20] = 0.45
+    presence[4:7] = 0.65
+    prob[7:10, 20:25, 2:7] = 0.45
+    presence[7:10] = 0.9
+    presence[10:] = 0.1
+    return prob, truth, presence
+
+
+def test_finds_the_planted_thresholds():
+    prob, truth, presence = _planted()
+    grid, chosen, metrics = tune.search(prob, truth, np.arange(12), presence, PLANTED)
+    assert chosen == Thresholds(pixel=0.4, presence=0.7, min_area=50)
+    assert metrics["dice_best"] == 1.0
+    assert (grid.dice < 1.0).sum() == len(grid) - 1  # the optimum is unique
+    assert len(grid) == 27 and metrics["candidates"] == 27
+    assert metrics["dice_all_empty"] == pytest.approx(8 / 12, abs=1e-5)
+    assert metrics["dice_default"] == pytest.approx(8 / 12, abs=1e-5)  # 0.5 finds no nerve at all
+    assert metrics["dice_no_presence_gate"] == pytest.approx(9 / 12, abs=1e-5)  # false blobs survive
+
+
+def test_grid_matches_thresholding_at_native_size():
+    """Every candidate's score equals thresholding the upsampled probabilities and scoring the masks."""
+    rng = np.random.default_rng(3)
+    native = np.zeros((20, 24, 32), np.uint8)
+    for i in range(0, 20, 2):
+        r, c = rng.integers(0, 14), rng.integers(0, 20)
+        native[i, r:r + 9, c:c + 11] = 1
+    low = torch.nn.functional.avg_pool2d(torch.from_numpy(native.astype(np.float32))[:, None], 2)[:, 0].numpy()
+    prob = np.clip(low + rng.normal(0, 0.25, low.shape), 0, 1).astype(np.float16)
+    prob[::3, :, :6] = 0.5  # flat patches exactly at a threshold: the comparison must be strict in both
+    presence = np.clip(native.any(axis=(1, 2)) * 0.4 + rng.random(20) * 0.6, 0, 1).astype(np.float32)
+    presence[:6] = 0.5  # exactly at a grid threshold too
+    p = TuneParams(pixel_thresholds=(0.3, 0.5, 0.6), presence_thresholds=(0.2, 0.5, 0.7), min_areas=(0, 30, 90))
+    rows = rng.permutation(20)  # OOF order differs from array order
+    grid, _, _ = tune.search(prob[rows], native, rows, presence[rows], p)
+    up = to_native(torch.from_numpy(prob.astype(np.float32))[:, None], (24, 32)).numpy()
+    for row in grid.itertuples():
+        t = Thresholds(row.pixel, row.presence, int(row.min_area))
+        assert row.dice == pytest.approx(mean_dice(apply(up, presence, t), native), abs=1e-12), t
+    assert grid.dice.nunique() > 5
+
+
+def _oof(tiny_interim, path, ids=None, size=(48, 64)):
+    manifest = read_manifest(tiny_interim)
+    train = manifest[manifest.split == "train"]
+    train = train[train.id.isin(ids)] if ids is not None else train
+    _, masks = open_arrays(tiny_interim, "train")
+    low = torch.nn.functional.interpolate(torch.from_numpy(masks[train.row.to_numpy()].astype(np.float32))[:, None],
+                                          size=size, mode="area")[:, 0].numpy()
+    path.mkdir(parents=True, exist_ok=True)
+    np.savez(path / "oof.npz", ids=np.asarray(train.id, dtype=str), mask_prob=(low * 0.9).astype(np.float16),
+             presence_prob=train.has_mask.to_numpy(float).astype(np.float32) * 0.8 + 0.1)
+    return train
+
+
+def test_run_writes_thresholds_table_plots_and_metrics(tiny_interim, tmp_path):
+    train = _oof(tiny_interim, tmp_path / "oof", ids=None)
+    metrics = tune.run(tmp_path / "oof", tiny_interim, tmp_path / "thresholds.json", tmp_path / "reports", TuneParams())
+    chosen = json.loads((tmp_path / "thresholds.json").read_text())
+    assert set(chosen) == {"pixel", "presence", "min_area"}
+    grid = pd.read_csv(tmp_path / "reports" / "grid.csv")
+    assert list(grid.columns) == ["pixel", "presence", "min_area", "dice"] and len(grid) == 7 * 8 * 7
+    best = grid.loc[grid.dice.idxmax()]
+    assert (best.pixel, best.presence, best.min_area) == (chosen["pixel"], chosen["presence"], chosen["min_area"])
+    for name in ("pixel", "presence", "min_area"):
+        profile = pd.read_csv(tmp_path / "reports" / f"dice_vs_{name}.csv")
+        assert list(profile.columns) == [name, "dice"] and profile.dice.max() == grid.dice.max()
+    assert (tmp_path / "reports" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text()) == metrics
+    assert metrics["images"] == len(train) == 30
+    assert metrics["dice_all_empty"] == pytest.approx(1 - train.has_mask.mean(), abs=1e-5)
+    assert metrics["dice_best"] >= max(metrics["dice_default"], metrics["dice_no_presence_gate"],
+                                       metrics["dice_all_empty"]) and metrics["dice_best"] > 0.9
+
+
+def test_run_uses_only_the_ids_in_the_oof(tiny_interim, tmp_path):
+    _oof(tiny_interim, tmp_path / "oof", ids=["1_1", "2_3", "3_10"])
+    assert tune.run(tmp_path / "oof", tiny_interim, tmp_path / "t.json", tmp_path / "r", PLANTED)["images"] == 3
+
+
+@pytest.mark.parametrize("breakage, message", [
+    ("absent", "oof.npz: out-of-fold predictions not found"),
+    ("missing_key", "missing key.s. presence_prob"),
+    ("shape", "inconsistent shapes"),
+    ("unknown_id", "1 OOF id.s. not among the train images.*9_9"),
+    ("object_ids", "save ids as a str array"),
+])
+def test_bad_oof_is_a_clear_input_error(tiny_interim, tmp_path, breakage, message):
+    oof = tmp_path / "oof"
+    if breakage != "absent":
+        _oof(tiny_interim, oof)
+        data = dict(np.load(oof / "oof.npz"))
+        if breakage == "missing_key":
+            del data["presence_prob"]
+        elif breakage == "shape":
+            data["presence_prob"] = data["presence_prob"][:-1]
+        elif breakage == "unknown_id":
+            data["ids"] = np.where(data["ids"] == "1_1", "9_9", data["ids"])
+        else:
+            data["ids"] = data["ids"].astype(object)
+        np.savez(oof / "oof.npz", **data)
+    with pytest.raises(InputError, match=message):
+        tune.run(oof, tiny_interim, tmp_path / "t.json", tmp_path / "r", PLANTED)
+    assert not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize("raw, key", [
+    ({"tune": {"pixel_thresholds": []}}, r"tune\.pixel_thresholds: expected a non-empty list"),
+    ({"tune": {"presence_thresholds": []}}, r"tune\.presence_thresholds"),
+    ({"tune": {"min_areas": []}}, r"tune\.min_areas"),
+    ({"tune": {"pixel_thresholds": [0.5, 1.5]}}, r"tune\.pixel_thresholds\[1\]"),
+    ({"tune": {"min_areas": [-1]}}, r"tune\.min_areas\[0\]"),
+    ({"tune": {"min_areas": [10.5]}}, r"tune\.min_areas\[0\]"),
+])
+def test_bad_grid_names_the_key(raw, key):
+    with pytest.raises(ParamsError, match=key):
+        parse_params(raw)
+
+
+def test_tune_cli(tiny_interim, tmp_path):
+    _oof(tiny_interim, tmp_path / "oof")
+    params = tmp_path / "params.yaml"
+    params.write_text("tune:\n  pixel_thresholds: [0.4, 0.5]\n  presence_thresholds: [0.5]\n  min_areas: [0, 10]\n")
+    args = ["tune", "--oof", str(tmp_path / "oof"), "--interim", str(tiny_interim), "--out",
+            str(tmp_path / "t.json"), "--reports", str(tmp_path / "r"), "--params", str(params)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "dice_best:" in result.output and json.loads((tmp_path / "t.json").read_text())["presence"] == 0.5
+    result = CliRunner().invoke(app, args[:2] + [str(tmp_path / "nope")] + args[3:])
+    assert result.exit_code == 1 and "out-of-fold predictions not found" in result.output
+    assert "Traceback" not in result.output
