@@ -176,3 +176,20 @@ def predict(interim: Annotated[Path, typer.Option(help="The load stage's folder 
 
     p = load_params(params)
     _echo_summary(stage.run(interim, models, thresholds, raw, out, metrics, p.predict, p.data))
+
+
+@app.command()
+@friendly_errors
+def report(reports: Annotated[Path, typer.Option(help="Folder of the stages' reports (reports/<stage>/...).")],
+           interim: Annotated[Path, typer.Option(help="The load stage's folder (train images, masks, manifest).")],
+           oof: Annotated[Path, typer.Option(help="The train stage's folder with oof.npz.")],
+           thresholds: Annotated[Path, typer.Option(help="The tune stage's thresholds JSON.")],
+           html: Annotated[Path, typer.Option(help="Where to write the self-contained HTML report.")],
+           summary: Annotated[Path, typer.Option(help="Where to write the Markdown summary.")],
+           params: ParamsOpt = Path("params.yaml")) -> None:
+    """Write one offline HTML page (and a Markdown summary) of this run and all DVC experiments."""
+    from pipeline import report as stage
+    from pipeline.params import load_params
+
+    p = load_params(params)
+    _echo_summary(stage.run(p.report, reports, interim, oof, thresholds, params, html, summary))

@@ -129,6 +129,11 @@ class PredictParams:
 
 
 @dataclass(frozen=True)
+class ReportParams:
+    gallery_images: int = _range(ge=1, default=6)
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 42
     data: DataParams = DataParams()
@@ -139,6 +144,7 @@ class Params:
     train: TrainParams = TrainParams()
     tune: TuneParams = TuneParams()
     predict: PredictParams = PredictParams()
+    report: ReportParams = ReportParams()
 
 
 def _coerce(key: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:

@@ -1,0 +1,189 @@
+"""The report stage: key numbers on the page and in the summary, graceful gaps, experiments from git,
+and the page as a person sees it in a real headless browser (Debian's Chromium)."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import report
+from pipeline.load import open_arrays, read_manifest
+from pipeline.params import ReportParams
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+TUNE = {"dice_best": 0.81234, "dice_default": 0.70111, "dice_no_presence_gate": 0.6502, "dice_all_empty": 0.5333,
+        "images": 30, "candidates": 4, "best_pixel": 0.5, "best_presence": 0.6, "best_min_area": 0}
+
+
+def _png(path: Path, value: int = 128) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((20, 30), value, np.uint8)).save(path)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, tiny_interim: Path) -> Path:
+    """Every stage's outputs, faked small: OOF from the true masks with a few deliberate mistakes."""
+    r = tmp_path / "reports"
+    for stage, data in {"load": {"train_images": 30, "empty_fraction": 0.5333}, "dedup": {"pairs": 17},
+                        "clean": {"kept": 27, "dropped": 3}, "tune": TUNE,
+                        "train": {"dice": 0.74567, "fold_0": {"dice": 0.74567, "best_epoch": 2}},
+                        "predict": {"synthetic_test_dice": 0.79876, "test_images": 6}}.items():
+        (r / stage).mkdir(parents=True)
+        (r / stage / "metrics.json").write_text(json.dumps(data))
+    (r / "tune" / "grid.csv").write_text("pixel,presence,min_area,dice\n0.4,0.6,0,0.8\n0.5,0.6,0,0.81234\n"
+                                         "0.5,0.4,0,0.75\n0.5,0.6,500,0.7\n")
+    curves = r / "train" / "plots" / "metrics" / "fold_0"
+    curves.mkdir(parents=True)
+    for name, values in {"train_loss": [0.9, 0.6, 0.5], "val_loss": [1.0, 0.7, 0.65], "val_dice": [0.5, 0.7, 0.74]}.items():
+        (curves / f"{name}.tsv").write_text("timestamp\tstep\t" + name + "\n"
+                                            + "".join(f"0\t{k + 1}\t{v}\n" for k, v in enumerate(values)))
+    _png(r / "dedup" / "gallery.png")
+    _png(r / "augment" / "preview.png", 200)
+
+    manifest = read_manifest(tiny_interim)
+    train = manifest[manifest.split == "train"]
+    _, masks = open_arrays(tiny_interim, "train")
+    truth = np.asarray(masks[train.row.to_numpy()], np.float32)
+    prob = truth[:, ::2, ::2].astype(np.float16)  # working size = half the native size
+    presence = train.has_mask.astype(bool).to_numpy().astype(np.float32)
+    presence[:2] = 1 - presence[:2]  # two presence mistakes
+    (tmp_path / "oof").mkdir()
+    np.savez(tmp_path / "oof" / "oof.npz", ids=train.id.to_numpy().astype(str), mask_prob=prob,
+             presence_prob=presence)
+    (tmp_path / "thresholds.json").write_text('{"pixel": 0.5, "presence": 0.6, "min_area": 0}')
+    (tmp_path / "params.yaml").write_text("clean:\n  policy: drop_empty\n")
+    return tmp_path
+
+
+def _run(d: Path, interim: Path) -> tuple[str, str]:
+    report.run(ReportParams(gallery_images=4), d / "reports", interim, d / "oof", d / "thresholds.json",
+               d / "params.yaml", d / "reports" / "index.html", d / "reports" / "summary.md")
+    return (d / "reports" / "index.html").read_text(), (d / "reports" / "summary.md").read_text()
+
+
+def _confusion(d: Path, interim: Path) -> tuple[int, int, int, int]:
+    data = np.load(d / "oof" / "oof.npz")
+    manifest = read_manifest(interim).set_index("id")
+    truth = manifest.loc[data["ids"], "has_mask"].astype(bool).to_numpy()
+    said = data["presence_prob"] > 0.6
+    return (int((said & truth).sum()), int((~said & truth).sum()), int((said & ~truth).sum()),
+            int((~said & ~truth).sum()))
+
+
+def test_key_numbers_in_html_and_summary(run_dir, tiny_interim):
+    page, summary = _run(run_dir, tiny_interim)
+    for text in (page, summary):
+        for number in ("0.8123", "0.7011", "0.5333", "0.7988", "0.7457", "0.6502"):
+            assert number in text, number
+        assert "No DVC experiments" not in text and "not a git repository" in text
+    tp, fn, fp, tn = _confusion(run_dir, tiny_interim)
+    assert (fp, fn) != (0, 0), "the fixture must contain presence mistakes"
+    assert f"| truth: nerve | {tp} | {fn} |" in summary and f"| truth: empty | {fp} | {tn} |" in summary
+    assert "missing" not in summary
+    for title in ("Dice vs thresholds", "Presence classifier", "Nerves found", "False positives on empty images",
+                  "Missed nerves", "dedup audit", "Augmentation preview", "Training curves"):
+        assert title in page and title in summary, title
+    assert "](dedup/gallery.png)" in summary and "](augment/preview.png)" in summary
+
+
+def test_self_contained_every_image_embedded(run_dir, tiny_interim):
+    page, _ = _run(run_dir, tiny_interim)
+    sources = re.findall(r'<img [^>]*src="([^"]*)"', page)
+    assert len(sources) >= 7  # thresholds, confusion, 3 gallery rows, dedup, augment, curves
+    assert all(s.startswith("data:image/png;base64,") for s in sources)
+    assert not re.search(r"<script|<link|\bhref=\"(?!#)|url\(", page), "no external or script resources"
+
+
+def test_missing_stages_still_render(tmp_path, tiny_interim):
+    page, summary = _run(tmp_path, tiny_interim)
+    for stage in ("load", "dedup", "clean", "train", "tune", "predict"):
+        assert f"reports/{stage}/metrics.json: missing" in summary
+    assert "thresholds file not found" in summary and "run the augment stage" in summary
+    assert "<img" not in page
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _commit(repo: Path, policy: str, dice: float, message: str) -> str:
+    (repo / "params.yaml").write_text(f"clean:\n  policy: {policy}\ntrain:\n  lr: 0.001\n")
+    (repo / "reports" / "tune").mkdir(parents=True, exist_ok=True)
+    (repo / "reports" / "tune" / "metrics.json").write_text(json.dumps({"dice_best": dice, "dice_all_empty": 0.5}))
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", message)
+    return _git(repo, "rev-parse", "HEAD")
+
+
+def test_experiments_ranked_from_git_refs(tmp_path, tiny_interim):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    base = _commit(repo, "drop_empty", 0.7, "baseline")
+    for name, policy, dice in (("exp-none", "none", 0.65432), ("exp-both", "drop_both", 0.76543)):
+        _git(repo, "update-ref", f"refs/exps/{base[:2]}/{base[2:]}/{name}", _commit(repo, policy, dice, name))
+        _git(repo, "reset", "-q", "--hard", base)
+    _git(repo, "update-ref", "refs/exps/celery/stash", base)  # DVC's internal refs are not experiments
+    (repo / "reports" / "tune" / "metrics.json").write_text(json.dumps({"dice_best": 0.71}))  # the current run
+    _, summary = _run(repo, tiny_interim)
+    table = summary.split("## Experiments ranked by Dice")[1]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
+            if line.startswith("| ") and line[2].isdigit()]
+    assert [r[1] for r in rows] == ["exp-both", "current run (workspace)", f"baseline {base[:7]}", "exp-none"]
+    assert {"0.7654", "drop_both"} <= set(rows[0]) and {"0.6543", "none"} <= set(rows[3])
+    assert "clean.policy" in table and "train.lr" not in table  # only params that differ
+
+
+def test_no_experiments_is_a_note_not_an_error(tmp_path, tiny_interim):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    _commit(repo, "none", 0.7, "baseline")
+    _, summary = _run(repo, tiny_interim)
+    assert "No DVC experiments in this repository yet" in summary
+
+
+HARNESS = """<script>
+window.addEventListener("error", e => document.body.setAttribute("data-js-error", String(e.message)));
+window.addEventListener("load", () => {
+  const imgs = [...document.images];
+  const broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).length;
+  document.body.setAttribute("data-check", `images=${imgs.length} broken=${broken}`);
+});
+</script></body>"""
+
+
+def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=5000"]
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed "
+                    "(apt-get install -y --no-install-recommends chromium; .ci/run does this)")
+def test_page_renders_in_headless_chromium(run_dir, tiny_interim):
+    page, _ = _run(run_dir, tiny_interim)
+    checked = run_dir / "checked.html"  # the page plus a test-only script reporting image decoding and JS errors
+    checked.write_text(page.replace("</body>", HARNESS))
+    out = _chromium("--dump-dom", checked.as_uri(), profile=run_dir / "profile")
+    assert out.returncode == 0, out.stderr[-2000:]
+    n_images = page.count("<img ")
+    assert f'data-check="images={n_images} broken=0"' in out.stdout, out.stdout[:500]
+    assert not re.search(r"<body[^>]*data-js-error", out.stdout), "JavaScript error while loading the page"
+    assert not re.search(r"Uncaught|CONSOLE\(\d+\).*[Ee]rror", out.stderr), out.stderr[-2000:]
+    for number in ("0.8123", "0.7988", "Experiments ranked by Dice"):
+        assert number in out.stdout
+    shot = run_dir / "report.png"
+    out = _chromium(f"--screenshot={shot}", "--window-size=1280,2400", (run_dir / "reports" / "index.html").as_uri(),
+                    profile=run_dir / "profile")
+    assert out.returncode == 0 and shot.exists()
+    with Image.open(shot) as img:
+        assert img.size == (1280, 2400) and len(img.convert("L").getcolors(256) or ()) > 50  # not a blank page
