@@ -144,7 +144,7 @@ def train(interim: Annotated[Path, typer.Option(help="The load stage's folder (t
     from pipeline.params import load_params
 
     p = load_params(params)
-    _echo_summary(stage.run(p.train, p.seed, interim, manifest, augment, models, oof, reports))
+    _echo_summary(stage.run(p.train, p.seed, interim, manifest, augment, models, oof, reports, p.diagnostics))
 
 
 @app.command()

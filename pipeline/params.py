@@ -111,6 +111,19 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class DiagnosticsParams:
+    """Training health and what the model learned (README "Diagnostics").
+
+    Its own section, not train's: none of it changes the weights, so it is not in the resume hash.
+    """
+    enabled: bool = True
+    subset: int = _range(ge=1, default=32)
+    patience: int = _range(ge=1, default=4)
+    grad_vanish: float = _range(ge=0.0, default=1e-6)
+    grad_explode: float = _range(gt=0.0, default=1e3)
+
+
+@dataclass(frozen=True)
 class TuneParams:
     """The joint search grid; each list must be non-empty (an empty axis would search nothing).
 
@@ -142,6 +155,7 @@ class Params:
     clean: CleanParams = CleanParams()
     augment: AugmentParams = AugmentParams()
     train: TrainParams = TrainParams()
+    diagnostics: DiagnosticsParams = DiagnosticsParams()
     tune: TuneParams = TuneParams()
     predict: PredictParams = PredictParams()
     report: ReportParams = ReportParams()

@@ -448,6 +448,60 @@ def training_curves(train_dir: Path) -> Section:
     return s
 
 
+def diagnostics_section(train_dir: Path) -> Section:
+    """The train stage's diagnostics: warnings, PCA and attribution summaries, and each fold's figures."""
+    captions = {  # figure name suffix -> caption (pipeline/diagnostics.py draws them)
+        "health": "Per layer and epoch: mean gradient norm of the training steps and weight norm (log10), the "
+                  "fraction of each ReLU's channels that never fired on the validation images, and each layer's "
+                  "output std at step 0 (an exploding or collapsing initialisation shows here).",
+        "filters": "The first convolution's filters, each scaled to its own largest weight (gray = 0): smooth "
+                   "edge and blob detectors mean it learned; salt-and-pepper noise means it barely moved from init.",
+        "features": "Feature maps of a few layers (the most active channels) for one validation image with a nerve "
+                    "and one without.",
+        "bottleneck": "Left: how many principal components of the encoder's bottleneck features explain the "
+                      "variance. Right: the channels whose removal changes the presence logit most (gradient x "
+                      "activation, exact for the presence head), separately for images with and without a nerve.",
+    }
+    s = Section("Training diagnostics", "diagnostics")
+    folder = train_dir / "diagnostics"
+    results = [r for r in map(_read_metrics, sorted(folder.glob("fold_*.json"))) if r]
+    if not results:
+        s.note(f"{folder}: no diagnostics (run the train stage).")
+        return s
+    warnings = [w for r in results for w in r.get("warnings", [])]
+    if warnings:
+        s.note(f"{len(warnings)} warning(s) during training (also in the training log):")
+        s.table(["fold", "epoch", "kind", "message"],
+                [[w.get(k) for k in ("fold", "epoch", "kind", "message")] for w in warnings])
+    else:
+        s.text("No warnings: the losses kept improving within diagnostics.patience epochs, gradients stayed "
+               "within the thresholds and the presence head never said one class for every validation image.")
+    for r in results:
+        s.html.append(f"<h3>fold {r.get('fold')}</h3>")
+        s.md.append(f"### fold {r.get('fold')}\n")
+        pca = r.get("pca")
+        if pca:
+            s.text(f"Bottleneck PCA over {pca['samples']} positions of {len(r.get('subset', []))} validation "
+                   f"images: {pca['components_90']} of {pca['channels']} components explain 90% of the variance, "
+                   f"{pca['components_99']} explain 99% (numerical rank {pca['rank']}).")
+        if r.get("attribution"):
+            s.table(["bottleneck channel", "mean |change of presence logit|", "mean on nerve images",
+                     "mean on empty images"],
+                    [[a["channel"], a["mean_abs"], a["mean_nerve"], a["mean_empty"]] for a in r["attribution"][:8]])
+        if not r.get("figures"):
+            s.note("Figures are off (diagnostics.enabled: false).")
+        for name in r.get("figures", []):
+            png = _png_file(folder / name)
+            caption = next((c for key, c in captions.items() if name.endswith(f"_{key}.png")), None)
+            if png is None:
+                s.note(f"{folder / name}: missing or not a PNG.")
+                continue
+            if caption:
+                s.text(caption)
+            s.image(png, name, os.path.relpath(folder / name, train_dir.parent))
+    return s
+
+
 # ---------------------------------------------------------------- experiments
 
 def _git(repo: Path, *args: str, stdin: bytes | None = None) -> bytes | None:
@@ -597,6 +651,7 @@ def run(p: ReportParams, reports_dir: str | Path, interim_dir: str | Path, oof_d
                 stage_image("Augmentation preview", "augment", reports / "augment" / "preview.png", reports,
                             "augment", "Training samples at the working size and augmented variants of each."),
                 training_curves(reports / "train"),
+                diagnostics_section(reports / "train"),
                 experiments(params_path.resolve().parent, reports, params_path, metrics)]
     subtitle = (f"From `{reports}/` (stage metrics and plots), `{oof_dir}` (out-of-fold predictions) and "
                 f"`{thresholds_path}`. Regenerate with `dvc repro` or `python -m pipeline report`.")

@@ -9,6 +9,7 @@ or under `torchrun` (DistributedDataParallel); rank 0 writes every file.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -16,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
@@ -24,10 +25,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from pipeline import diagnostics
 from pipeline.io import InputError, atomic_path
 from pipeline.metrics import dice_per_image
 from pipeline.model import build_model, channels_first, save_checkpoint, split_outputs
-from pipeline.params import TrainParams, to_dict
+from pipeline.params import DiagnosticsParams, TrainParams, to_dict
 
 GATE = 0.5  # pixel and presence threshold for the monitoring Dice; the tune stage picks the real ones
 PRESENCE_GRID = np.round(np.arange(0.05, 1.0, 0.05), 2)
@@ -267,8 +269,11 @@ def validate(model: torch.nn.Module, fold: Fold, t: TrainParams, rt: Runtime) ->
 
 
 def train_epoch(model: torch.nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
-                scheduler: Any, t: TrainParams, rt: Runtime, desc: str) -> float:
-    """One pass over this rank's share of the training data; returns the mean loss over all ranks."""
+                scheduler: Any, t: TrainParams, rt: Runtime, desc: str,
+                on_step: Callable[[], None] | None = None) -> float:
+    """One pass over this rank's share of the training data; returns the mean loss over all ranks.
+
+    `on_step` runs after each backward pass (the diagnostics read the gradients there)."""
     model.train()
     total = torch.zeros(2, device=rt.device)
     for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not rt.main, mininterval=1.0):
@@ -281,6 +286,8 @@ def train_epoch(model: torch.nn.Module, loader: torch.utils.data.DataLoader, opt
                                 f"(now {t.lr}) or check the input images")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if on_step is not None:
+            on_step()
         optimizer.step()
         scheduler.step()
         total += torch.stack([loss.detach() * len(x), torch.tensor(float(len(x)), device=rt.device)])
@@ -305,8 +312,10 @@ def _resume_state(path: Path, run_hash: str, rt: Runtime) -> dict[str, Any] | No
 
 
 def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Path, rt: Runtime,
-             live: Any) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Train one fold (resuming from last.pt when it matches), then predict its validation images with best.pt."""
+             live: Any, d: DiagnosticsParams, diag_dir: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Train one fold (resuming from last.pt when it matches), then predict its validation images with best.pt.
+
+    Rank 0 runs the diagnostics: they read, never change, the model (pipeline/diagnostics.py)."""
     torch.manual_seed(seed + fold.index)  # each fold's start is independent of the folds before it
     model = build_model(t, in_channels=1 if fold.x_train.ndim == 3 else fold.x_train.shape[3]).to(rt.device)
     if rt.device.type == "cuda":
@@ -323,6 +332,8 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
                                                     pct_start=0.2)
     last, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
     start, history, best = 0, [], -1.0
+    monitor = diagnostics.Monitor(d, fold.index, model, fold.x_val, fold.y_val, fold.norm, seed,
+                                  lambda message: _log(rt, message)) if rt.main else None
     state = _resume_state(last, fold.run_hash, rt)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -332,7 +343,11 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
         if rt.device.type == "cuda" and state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         start, history, best = state["epoch"], state["history"], state["best_dice"]
+        if monitor:
+            monitor.restore(state.get("diagnostics"))
         _log(rt, f"fold {fold.index}: resuming after epoch {start} of {t.epochs} from {last}")
+    elif monitor:
+        monitor.start(model)
     for row in history:
         _log_epoch(live, fold.index, row)
     # static_graph: with encoder_depth < 5 smp keeps the encoder's deeper stages, which get no gradient
@@ -343,12 +358,15 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
         dataset.epoch = epoch
         lr = scheduler.get_last_lr()[0]
         train_loss = train_epoch(net, loader, optimizer, scheduler, t, rt,
-                                 f"fold {fold.index} epoch {epoch + 1}/{t.epochs}")
-        _, _, val = validate(model, fold, t, rt)
+                                 f"fold {fold.index} epoch {epoch + 1}/{t.epochs}", monitor.grads if monitor else None)
+        with diagnostics.relu_alive(model) if monitor else contextlib.nullcontext({}) as alive:
+            _, presence, val = validate(model, fold, t, rt)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "val_loss": val["loss"],
                "val_dice": val["dice"], "val_dice_tuned": val["dice_tuned"], "val_presence_acc": val["presence_acc"],
                "val_presence_auc": val["presence_auc"], "seconds": time.perf_counter() - began}
         history.append(row)
+        if monitor:
+            row |= monitor.end_epoch(model, alive, history, presence, fold.y_val)
         _log_epoch(live, fold.index, row)
         _log(rt, f"fold {fold.index} epoch {epoch + 1}/{t.epochs}: train loss {train_loss:.4f}, val loss "
                  f"{val['loss']:.4f}, val Dice {val['dice']:.4f} (tuned gate {val['dice_tuned']:.4f}, all-empty "
@@ -361,13 +379,16 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
             cuda_rng = torch.cuda.get_rng_state() if rt.device.type == "cuda" else None
             save_checkpoint(last, model, t, fold.norm, epoch=epoch + 1, optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict(), rng={"torch": torch.get_rng_state(), "cuda": cuda_rng},
-                            run_hash=fold.run_hash, history=history, best_dice=best)
+                            run_hash=fold.run_hash, history=history, best_dice=best,
+                            diagnostics=monitor.state() if monitor else None)
         rt.barrier()
     best_state = torch.load(best_path, map_location=rt.device, weights_only=False)
     model.load_state_dict(best_state["model"])
     probs, presence, _ = validate(model, fold, t, rt)
+    warnings = monitor.finish(model, diag_dir) if monitor else 0
     return probs, presence, {"best_epoch": best_state["epoch"], "epochs": len(history),
-                             "train_images": len(fold.x_train), "val_images": len(fold.x_val)}
+                             "train_images": len(fold.x_train), "val_images": len(fold.x_val),
+                             "diagnostic_warnings": warnings}
 
 
 def _log_epoch(live: Any, fold: int, row: dict[str, float]) -> None:
@@ -417,7 +438,8 @@ def read_training_manifest(path: str | Path, n_rows: int) -> pd.DataFrame:
 
 
 def run(t: TrainParams, seed: int, interim_dir: str | Path, manifest_path: str | Path, augment_path: str | Path,
-        models_dir: str | Path, oof_dir: str | Path, reports_dir: str | Path) -> dict[str, Any]:
+        models_dir: str | Path, oof_dir: str | Path, reports_dir: str | Path,
+        d: DiagnosticsParams = DiagnosticsParams()) -> dict[str, Any]:
     """Train `train.train_folds` of `train.folds` subject-grouped folds; returns the final metrics (rank 0)."""
     from pipeline import augment
     from pipeline.load import open_arrays
@@ -441,7 +463,8 @@ def run(t: TrainParams, seed: int, interim_dir: str | Path, manifest_path: str |
             val = np.flatnonzero(folds == k)
             tr = np.flatnonzero(folds != k)
             fold = Fold(k, x[tr], y[tr], x[val], y[val], norm, run_hash)
-            probs, presence, info = fit_fold(fold, transform, t, seed, Path(models_dir) / f"fold_{k}", rt, live)
+            probs, presence, info = fit_fold(fold, transform, t, seed, Path(models_dir) / f"fold_{k}", rt, live,
+                                             d, Path(reports_dir) / "diagnostics")
             oof_rows.append(val)
             oof_probs.append(probs)
             oof_presence.append(presence)
