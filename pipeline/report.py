@@ -41,9 +41,9 @@ STAGES = (  # (stage, what its metrics mean)
     ("tune", "out-of-fold Dice at native size: tuned, at default thresholds, without presence gate, all-empty"),
     ("predict", "test predictions (synthetic data: Dice against the generator's true test masks)"),
 )
-KEY_METRICS = (  # (stage, key, column label): the experiments table's metric columns, ranked by the first
-    ("tune", "dice_best", "OOF Dice (tuned)"),
+KEY_METRICS = (  # (stage, key, column label): the experiments table's metric columns, ranked by the first two
     ("predict", "synthetic_test_dice", "test Dice (synthetic)"),
+    ("tune", "dice_best", "OOF Dice (tuned)"),
     ("train", "dice", "val Dice (0.5 gates)"),
     ("tune", "dice_default", "OOF Dice (defaults)"),
     ("tune", "dice_all_empty", "all-empty Dice"),
@@ -282,10 +282,12 @@ def score_oof(mask_prob: np.ndarray, presence_prob: np.ndarray, ids: np.ndarray,
 
 def confusion(r: OofResult, presence: float) -> Section:
     s = Section("Presence classifier", "presence")
-    said = r.presence_prob > presence
+    from pipeline.postprocess import keep
+
+    said = keep(r.presence_prob, 0, presence, 0)  # the presence gate alone (an area of 0 passes min_area 0)
     tp, fn = int((said & r.truth_any).sum()), int((~said & r.truth_any).sum())
     fp, tn = int((said & ~r.truth_any).sum()), int((~said & ~r.truth_any).sum())
-    s.text(f"Out-of-fold presence probability > {presence:g} (the tuned presence threshold) vs whether the "
+    s.text(f"Out-of-fold presence probability >= {presence:g} (the tuned presence gate) vs whether the "
            f"true mask is non-empty, over {len(r.ids)} images.")
     s.table(["", "predicted: nerve", "predicted: empty"],
             [["truth: nerve", tp, fn], ["truth: empty", fp, tn]])
@@ -305,7 +307,7 @@ def confusion(r: OofResult, presence: float) -> Section:
     ax.set_yticks([0, 1], ["nerve", "empty"])
     ax.set_xlabel("predicted (presence head)")
     ax.set_ylabel("truth")
-    ax.set_title(f"presence > {presence:g}: row shares")
+    ax.set_title(f"presence >= {presence:g}: row shares")
     s.image(_figure_png(fig), "presence confusion matrix")
     return s
 
@@ -598,12 +600,16 @@ def experiments(repo: Path, reports: Path, params_path: Path, current: dict[str,
                     "metrics": {label: (current.get(st) or {}).get(key) for st, key, label in KEY_METRICS}})
     keys = sorted(set().union(*(r["params"] for r in rows)))
     differ = [k for k in keys if len({json.dumps(r["params"].get(k), sort_keys=True) for r in rows}) > 1]
-    rank_by = KEY_METRICS[0][2]
-    rows.sort(key=lambda r: (not isinstance(r["metrics"][rank_by], (int, float)), -(r["metrics"][rank_by] or 0)))
     labels = [label for _, _, label in KEY_METRICS]
+    # The test images are the same in every run, while cleaning changes which images the OOF Dice averages
+    # over: test Dice (synthetic data only) ranks first, OOF Dice breaks ties and ranks real-data runs.
+    rows.sort(key=lambda r: tuple(x for lb in labels[:2] for x in (not isinstance(r["metrics"][lb], (int, float)),
+                                                                    -(r["metrics"][lb] or 0))))
     s.text(f"{len(rows) - 1} runs from git (refs/exps and their baseline commits) plus the current run, ranked by "
-           f"{rank_by}; only params that differ between them are shown. Metrics are read from each run's "
-           f"committed metrics files; regenerate after new experiments with `dvc repro -f -s report`.")
+           f"{labels[0]} (the same test images in every run), then {labels[1]} (its images change with "
+           f"`clean.policy`: compare it with the all-empty Dice of the same run). Only params that differ are "
+           f"shown. Metrics are read from each run's committed metrics files; regenerate after new experiments "
+           f"with `dvc repro -f -s report`.")
     s.table(["#", "experiment", "rev", "baseline", *labels, *differ],
             [[k + 1, r["name"], r["rev"], r["baseline"], *(r["metrics"][lb] for lb in labels),
               *(r["params"].get(d) for d in differ)] for k, r in enumerate(rows)],

@@ -15,6 +15,7 @@ from PIL import Image
 from pipeline import report
 from pipeline.load import open_arrays, read_manifest
 from pipeline.params import ReportParams
+from pipeline.postprocess import keep
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 TUNE = {"dice_best": 0.81234, "dice_default": 0.70111, "dice_no_presence_gate": 0.6502, "dice_all_empty": 0.5333,
@@ -71,7 +72,7 @@ def _confusion(d: Path, interim: Path) -> tuple[int, int, int, int]:
     data = np.load(d / "oof" / "oof.npz")
     manifest = read_manifest(interim).set_index("id")
     truth = manifest.loc[data["ids"], "has_mask"].astype(bool).to_numpy()
-    said = data["presence_prob"] > 0.6
+    said = keep(data["presence_prob"], 0, 0.6, 0)
     return (int((said & truth).sum()), int((~said & truth).sum()), int((said & ~truth).sum()),
             int((~said & ~truth).sum()))
 
@@ -113,10 +114,13 @@ def _git(repo: Path, *args: str) -> str:
                           check=True, capture_output=True, text=True).stdout.strip()
 
 
-def _commit(repo: Path, policy: str, dice: float, message: str) -> str:
+def _commit(repo: Path, policy: str, dice: float, message: str, test_dice: float | None = None) -> str:
     (repo / "params.yaml").write_text(f"clean:\n  policy: {policy}\ntrain:\n  lr: 0.001\n")
-    (repo / "reports" / "tune").mkdir(parents=True, exist_ok=True)
-    (repo / "reports" / "tune" / "metrics.json").write_text(json.dumps({"dice_best": dice, "dice_all_empty": 0.5}))
+    for stage, data in (("tune", {"dice_best": dice, "dice_all_empty": 0.5}),
+                        ("predict", {"synthetic_test_dice": test_dice} if test_dice else None)):
+        (repo / "reports" / stage).mkdir(parents=True, exist_ok=True)
+        if data:
+            (repo / "reports" / stage / "metrics.json").write_text(json.dumps(data))
     _git(repo, "add", "-A")
     _git(repo, "commit", "-qm", message)
     return _git(repo, "rev-parse", "HEAD")
@@ -127,8 +131,9 @@ def test_experiments_ranked_from_git_refs(tmp_path, tiny_interim):
     repo.mkdir()
     _git(repo, "init", "-q")
     base = _commit(repo, "drop_empty", 0.7, "baseline")
-    for name, policy, dice in (("exp-none", "none", 0.65432), ("exp-both", "drop_both", 0.76543)):
-        _git(repo, "update-ref", f"refs/exps/{base[:2]}/{base[2:]}/{name}", _commit(repo, policy, dice, name))
+    for name, policy, dice, test in (("exp-none", "none", 0.65432, None), ("exp-both", "drop_both", 0.76543, 0.6),
+                                     ("exp-test", "none", 0.6, 0.8)):
+        _git(repo, "update-ref", f"refs/exps/{base[:2]}/{base[2:]}/{name}", _commit(repo, policy, dice, name, test))
         _git(repo, "reset", "-q", "--hard", base)
     _git(repo, "update-ref", "refs/exps/celery/stash", base)  # DVC's internal refs are not experiments
     (repo / "reports" / "tune" / "metrics.json").write_text(json.dumps({"dice_best": 0.71}))  # the current run
@@ -136,8 +141,11 @@ def test_experiments_ranked_from_git_refs(tmp_path, tiny_interim):
     table = summary.split("## Experiments ranked by Dice")[1]
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
             if line.startswith("| ") and line[2].isdigit()]
-    assert [r[1] for r in rows] == ["exp-both", "current run (workspace)", f"baseline {base[:7]}", "exp-none"]
-    assert {"0.7654", "drop_both"} <= set(rows[0]) and {"0.6543", "none"} <= set(rows[3])
+    # test Dice first (exp-test beats exp-both), then OOF Dice for runs without it
+    assert [r[1] for r in rows] == ["exp-test", "exp-both", "current run (workspace)", f"baseline {base[:7]}",
+                                    "exp-none"]
+    assert {"0.8000", "0.6000"} <= set(rows[0]) and {"0.7654", "drop_both"} <= set(rows[1])
+    assert {"0.6543", "none"} <= set(rows[4])
     assert "clean.policy" in table and "train.lr" not in table  # only params that differ
 
 
