@@ -1,3 +1,9 @@
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -35,3 +41,52 @@ def test_tiff_round_trip_is_lzw(tmp_path):
     with Image.open(tmp_path / "x.tif") as img:
         assert img.info["compression"] == "tiff_lzw"
     assert np.array_equal(read_image(tmp_path / "x.tif")[0], array)
+
+
+def test_published_files_and_folders_get_umask_permissions_not_private_ones(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        write_json(tmp_path / "m.json", {"a": 1})
+        with atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o644  # mkstemp alone gives 0600
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755      # mkdtemp alone gives 0700
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_by_the_next_write(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its pid is free
+    stale_file = tmp_path / f".last.pt.pid{child.pid}.abcd1234.tmp"
+    stale_dir = tmp_path / f".interim.pid{child.pid}.efgh5678.tmp"
+    stale_old = tmp_path / f".interim.pid{child.pid}.efgh5678.old.tmp"
+    live = tmp_path / f".best.pt.pid{os.getppid()}.ijkl9012.tmp"  # a concurrent writer's: kept
+    unrelated = [tmp_path / ".keep.tmp", tmp_path / ".gitignore", tmp_path / "data.pid1.x.tmp"]
+    for path in (stale_file, live, *unrelated):
+        path.write_text("x")
+    for folder in (stale_dir, stale_old):
+        folder.mkdir()
+        (folder / "train_images.npy").write_text("half")
+    write_json(tmp_path / "metrics.json", {"a": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["metrics.json", live.name] + [p.name for p in unrelated])
+
+
+def test_atomic_dir_puts_the_old_folder_back_when_the_final_rename_fails(tmp_path, monkeypatch):
+    target = tmp_path / "d"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("old")
+    real = os.replace
+
+    def failing(src, dst):
+        if Path(dst) == target and not str(src).endswith(".old.tmp"):  # the restore itself works
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="disk full"):
+        with atomic_dir(target) as tmp:
+            (tmp / "b").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == ["a"] and (target / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
