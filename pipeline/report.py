@@ -221,19 +221,26 @@ def dice_vs_threshold(reports: Path, thresholds: dict[str, Any] | None, all_empt
         return s
     import matplotlib.pyplot as plt
 
+    profiles = {name: grid.groupby(name)["dice"].max() for name in names}
+    lo = min(p.min() for p in profiles.values())
+    hi = max(p.max() for p in profiles.values())
+    pad = max(0.01, 0.1 * (hi - lo))
+    # The y axis fits the curves, so differences of a few points stay visible; the all-empty
+    # baseline is drawn only when it falls inside, and always named in the title.
     fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), squeeze=False, sharey=True)
-    for ax, name in zip(axes[0], names):
-        best = grid.groupby(name)["dice"].max()
+    for ax, (name, best) in zip(axes[0], profiles.items()):
         ax.plot(best.index, best.values, "o-", color="#2c5cc5", label="best Dice at this value")
         if thresholds and name in thresholds:
             ax.axvline(thresholds[name], color="#d2452f", ls="--", label=f"chosen {thresholds[name]:g}")
-        if all_empty is not None:
-            ax.axhline(all_empty, color="gray", ls=":", label=f"all-empty {all_empty:.3f}")
+        if all_empty is not None and lo - pad <= all_empty <= hi + pad:
+            ax.axhline(all_empty, color="gray", ls=":", label="all-empty")
+        ax.set_ylim(lo - pad, hi + pad)
         ax.set_xlabel(f"{name} threshold" if name != "min_area" else "min_area (pixels)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="lower center")
+        ax.legend(fontsize=8, loc="best")
     axes[0][0].set_ylabel("OOF mean Dice")
-    fig.suptitle(f"OOF Dice vs each threshold ({len(grid)} candidates; the other two at their best)")
+    baseline = f"; all-empty baseline {all_empty:.3f}" if all_empty is not None else ""
+    fig.suptitle(f"OOF Dice vs each threshold ({len(grid)} candidates; the other two at their best{baseline})")
     s.text("Each panel: the best mean Dice over all candidates with that threshold value. "
            "A flat curve means the threshold hardly matters; the dashed line is the chosen value.")
     s.image(_figure_png(fig), "Dice vs thresholds")
@@ -281,33 +288,40 @@ def score_oof(mask_prob: np.ndarray, presence_prob: np.ndarray, ids: np.ndarray,
 
 
 def confusion(r: OofResult, presence: float) -> Section:
-    s = Section("Presence classifier", "presence")
-    from pipeline.postprocess import keep
-
-    said = keep(r.presence_prob, 0, presence, 0)  # the presence gate alone (an area of 0 passes min_area 0)
-    tp, fn = int((said & r.truth_any).sum()), int((~said & r.truth_any).sum())
-    fp, tn = int((said & ~r.truth_any).sum()), int((~said & ~r.truth_any).sum())
-    s.text(f"Out-of-fold presence probability >= {presence:g} (the tuned presence gate) vs whether the "
-           f"true mask is non-empty, over {len(r.ids)} images.")
-    s.table(["", "predicted: nerve", "predicted: empty"],
-            [["truth: nerve", tp, fn], ["truth: empty", fp, tn]])
-    ratio = lambda a, b: a / b if b else None  # noqa: E731
-    s.table(["accuracy", "precision", "recall (sensitivity)", "specificity"],
-            [[ratio(tp + tn, len(r.ids)), ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(tn, tn + fp)]])
+    """At the tuned presence gate; when tuning switched the gate off (0), also at the default 0.5,
+    since "everything passes" says nothing about the classifier itself."""
     import matplotlib.pyplot as plt
 
-    counts = np.array([[tp, fn], [fp, tn]])
-    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(4.2, 3.4))
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for (i, j), c in np.ndenumerate(counts):
-        ax.text(j, i, f"{c}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=13,
-                color="white" if share[i, j] > 0.6 else "black")
-    ax.set_xticks([0, 1], ["nerve", "empty"])
-    ax.set_yticks([0, 1], ["nerve", "empty"])
-    ax.set_xlabel("predicted (presence head)")
-    ax.set_ylabel("truth")
-    ax.set_title(f"presence >= {presence:g}: row shares")
+    from pipeline.postprocess import Thresholds, keep
+
+    s = Section("Presence classifier", "presence")
+    gates = [(presence, "the tuned presence gate")]
+    if presence <= 0:
+        gates.append((Thresholds().presence, "the default gate; tuning switched the gate off"))
+    s.text(f"Out-of-fold presence probability vs whether the true mask is non-empty, over {len(r.ids)} images.")
+    fig, axes = plt.subplots(1, len(gates), figsize=(4.2 * len(gates), 3.4), squeeze=False)
+    ratio = lambda a, b: a / b if b else None  # noqa: E731
+    for ax, (gate, meaning) in zip(axes[0], gates):
+        said = keep(r.presence_prob, 0, gate, 0)  # the presence gate alone (an area of 0 passes min_area 0)
+        tp, fn = int((said & r.truth_any).sum()), int((~said & r.truth_any).sum())
+        fp, tn = int((said & ~r.truth_any).sum()), int((~said & ~r.truth_any).sum())
+        s.html.append(f"<h3>presence &gt;= {gate:g} ({html.escape(meaning)})</h3>")
+        s.md.append(f"### presence >= {gate:g} ({meaning})\n")
+        s.table(["", "predicted: nerve", "predicted: empty"], [["truth: nerve", tp, fn], ["truth: empty", fp, tn]])
+        s.table(["accuracy", "precision", "recall (sensitivity)", "specificity"],
+                [[ratio(tp + tn, len(r.ids)), ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(tn, tn + fp)]])
+        counts = np.array([[tp, fn], [fp, tn]])
+        share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+        for (i, j), c in np.ndenumerate(counts):
+            ax.text(j, i, f"{c}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=13,
+                    color="white" if share[i, j] > 0.6 else "black")
+        ax.set_xticks([0, 1], ["nerve", "empty"])
+        ax.set_yticks([0, 1], ["nerve", "empty"])
+        ax.set_xlabel("predicted (presence head)")
+        ax.set_ylabel("truth")
+        ax.set_title(f"presence >= {gate:g}: row shares")
+    fig.tight_layout()
     s.image(_figure_png(fig), "presence confusion matrix")
     return s
 

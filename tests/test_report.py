@@ -68,11 +68,11 @@ def _run(d: Path, interim: Path) -> tuple[str, str]:
     return (d / "reports" / "index.html").read_text(), (d / "reports" / "summary.md").read_text()
 
 
-def _confusion(d: Path, interim: Path) -> tuple[int, int, int, int]:
+def _confusion(d: Path, interim: Path, gate: float = 0.6) -> tuple[int, int, int, int]:
     data = np.load(d / "oof" / "oof.npz")
     manifest = read_manifest(interim).set_index("id")
     truth = manifest.loc[data["ids"], "has_mask"].astype(bool).to_numpy()
-    said = keep(data["presence_prob"], 0, 0.6, 0)
+    said = keep(data["presence_prob"], 0, gate, 0)
     return (int((said & truth).sum()), int((~said & truth).sum()), int((said & ~truth).sum()),
             int((~said & ~truth).sum()))
 
@@ -87,10 +87,21 @@ def test_key_numbers_in_html_and_summary(run_dir, tiny_interim):
     assert (fp, fn) != (0, 0), "the fixture must contain presence mistakes"
     assert f"| truth: nerve | {tp} | {fn} |" in summary and f"| truth: empty | {fp} | {tn} |" in summary
     assert "missing" not in summary
+    assert "presence >= 0.6 (the tuned presence gate)" in summary and "switched the gate off" not in summary
     for title in ("Dice vs thresholds", "Presence classifier", "Nerves found", "False positives on empty images",
                   "Missed nerves", "dedup audit", "Augmentation preview", "Training curves"):
         assert title in page and title in summary, title
     assert "](dedup/gallery.png)" in summary and "](augment/preview.png)" in summary
+
+
+def test_presence_gate_off_also_shows_the_default_gate(run_dir, tiny_interim):
+    (run_dir / "thresholds.json").write_text('{"pixel": 0.5, "presence": 0.0, "min_area": 0}')
+    _, summary = _run(run_dir, tiny_interim)
+    n = len(np.load(run_dir / "oof" / "oof.npz")["ids"])
+    tp, fn, fp, tn = _confusion(run_dir, tiny_interim, 0.5)
+    assert "presence >= 0 (the tuned presence gate)" in summary and f"| truth: empty | {n - tp - fn} | 0 |" in summary
+    assert "presence >= 0.5 (the default gate; tuning switched the gate off)" in summary
+    assert f"| truth: nerve | {tp} | {fn} |" in summary and f"| truth: empty | {fp} | {tn} |" in summary
 
 
 def test_self_contained_every_image_embedded(run_dir, tiny_interim):
