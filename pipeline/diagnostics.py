@@ -64,7 +64,7 @@ class GradTracker:
     """Per-layer gradient norms of the real training steps, read after each backward.
 
     Called once per step (`tracker()`); `summary()` gives each layer's mean norm over
-    the steps and the largest whole-model norm, then starts over. Layers that never get
+    the steps and the mean and largest whole-model norm, then starts over. Layers that never get
     a gradient (smp keeps the encoder stages deeper than `encoder_depth`) are left out
     rather than reported as vanishing. Sums stay on the device: no sync per step.
     """
@@ -76,6 +76,7 @@ class GradTracker:
     def reset(self) -> None:
         self.total: torch.Tensor | float = 0.0
         self.seen: torch.Tensor | float = 0.0
+        self.whole: torch.Tensor | float = 0.0
         self.peak: torch.Tensor | float = 0.0
         self.steps = 0
 
@@ -88,16 +89,19 @@ class GradTracker:
         seen = torch.zeros(len(self.layers), device=norms.device).index_fill_(0, index.to(norms.device), 1.0)
         self.total = self.total + norms
         self.seen = self.seen + seen
-        self.peak = torch.maximum(torch.as_tensor(self.peak, device=norms.device), norms.square().sum().sqrt())
+        whole = norms.square().sum().sqrt()
+        self.whole = self.whole + whole
+        self.peak = torch.maximum(torch.as_tensor(self.peak, device=norms.device), whole)
         self.steps += 1
 
-    def summary(self) -> tuple[dict[str, float], float]:
-        """({layer: mean gradient norm over this epoch's steps}, largest whole-model norm); resets."""
+    def summary(self) -> tuple[dict[str, float], float, float]:
+        """({layer: mean gradient norm over this epoch's steps}, mean and largest whole-model norm); resets."""
         if not self.steps:
-            return {}, float("nan")
+            return {}, float("nan"), float("nan")
         mean = (self.total / torch.clamp(torch.as_tensor(self.seen), min=1.0)).tolist()
         seen = torch.as_tensor(self.seen).tolist()
-        out = {name: m for name, m, s in zip(self.layers, mean, seen) if s > 0}, float(self.peak)
+        out = ({name: m for name, m, s in zip(self.layers, mean, seen) if s > 0}, float(self.whole) / self.steps,
+               float(self.peak))
         self.reset()
         return out
 
@@ -124,8 +128,8 @@ def relu_alive(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
         def record(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
             calls[name] = calls.get(name, 0) + 1
             site = name if calls[name] == 1 else f"{name}#{calls[name]}"
-            dims = [d for d in range(output.ndim) if d != 1]
-            positive = (output.detach() > 0).any(dim=dims) if output.ndim > 1 else output.detach() > 0
+            dims = tuple(d for d in range(output.ndim) if d != 1)
+            positive = (output.detach().amax(dim=dims) if dims else output.detach()) > 0  # max: no bool copy
             alive[site] = alive[site] | positive if site in alive else positive
         return record
 
@@ -474,9 +478,10 @@ class Monitor:
                   presence_prob: np.ndarray, y_val: np.ndarray) -> dict[str, float]:
         """Record the epoch, log its warnings; returns the scalars to log per epoch."""
         epoch = history[-1]["epoch"]
-        grads, peak = self.grads.summary()
+        grads, whole, peak = self.grads.summary()
         weights = {k: v for k, v in weight_norms(model).items() if not grads or k in grads}  # layers in use
-        self.epochs.append({"epoch": epoch, "grad_norm": grads, "grad_peak": peak, "weight_norm": weights,
+        self.epochs.append({"epoch": epoch, "grad_norm": grads, "grad_mean": whole, "grad_peak": peak,
+                            "weight_norm": weights,
                             "dead": dead_fractions(alive)})
         for key in ("train_loss", "val_loss"):
             if epoch in plateau_epochs([row[key] for row in history], self.d.patience):
@@ -486,9 +491,11 @@ class Monitor:
             self._warn(epoch, kind, message)
         present = y_val.reshape(len(y_val), -1).any(axis=1)
         message = one_class(presence_prob, present)
-        if message:
-            self._warn(epoch, "one_class", message)
-        return {"train_grad_norm": total_norm(grads) if grads else float("nan"), "weight_norm": total_norm(weights),
+        self.epochs[-1]["one_class"] = message is not None
+        streak = next((i for i, e in enumerate(reversed(self.epochs)) if not e.get("one_class")), len(self.epochs))
+        if message and streak == self.d.patience:  # early epochs often say one class: warn when it sticks
+            self._warn(epoch, "one_class", f"{message}, {streak} epochs in a row")
+        return {"train_grad_norm": whole, "weight_norm": total_norm(weights),
                 "val_dead_fraction": dead_overall(alive),
                 "val_presence_positive": float((np.asarray(presence_prob) > 0.5).mean())}
 

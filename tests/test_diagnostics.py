@@ -44,10 +44,10 @@ def test_gradient_and_weight_norms_match_a_hand_computation_on_a_linear_model() 
         tracker()
         err = (x @ w.T + b - y) * 2 / y.size  # d(mean squared error)/d(prediction)
         per_step.append(np.sqrt(((err.T @ x) ** 2).sum() + (err.sum(axis=0) ** 2).sum()))
-    norms, peak = tracker.summary()
-    assert norms == {"0": pytest.approx(np.mean(per_step), rel=1e-5)}
-    assert peak == pytest.approx(max(per_step), rel=1e-5)
-    assert tracker.summary() == ({}, pytest.approx(float("nan"), nan_ok=True))  # summary starts the next epoch
+    norms, whole, peak = tracker.summary()
+    assert norms == {"0": pytest.approx(np.mean(per_step), rel=1e-5)}  # one layer: its norm is the whole model's
+    assert whole == pytest.approx(np.mean(per_step), rel=1e-5) and peak == pytest.approx(max(per_step), rel=1e-5)
+    assert tracker.summary()[0] == {} and np.isnan(tracker.summary()[1])  # summary starts the next epoch
     assert weight_norms(net) == {"0": pytest.approx(np.sqrt((w ** 2).sum() + (b ** 2).sum()), rel=1e-6)}
 
 
@@ -226,10 +226,14 @@ def test_one_class_presence_warning() -> None:
     assert one_class(np.array([0.7, 0.1, 0.1, 0.1, 0.1]), truth) is None
     assert one_class(np.full(5, 0.1), np.zeros(5, bool)) is None  # all empty and said so: right, not stuck
     log: list[str] = []
-    monitor = _monitor(5, log)
-    monitor.end_epoch(nn.Sequential(nn.Linear(1, 1)), {}, [{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0}],
-                      np.full(4, 0.2), monitor.masks)
-    assert [w["kind"] for w in monitor.warnings] == ["one_class"] and "predicts empty for all 4" in log[0]
+    monitor, history = _monitor(2, log), []
+    said = [np.full(4, 0.2), np.array([0.9, 0.2, 0.2, 0.2]), np.full(4, 0.2), np.full(4, 0.3), np.full(4, 0.1)]
+    for epoch, presence in enumerate(said, start=1):  # stuck on "empty" in epochs 1, 3, 4, 5
+        history.append({"epoch": epoch, "train_loss": 1.0 / epoch, "val_loss": 1.0 / epoch})
+        monitor.end_epoch(nn.Sequential(nn.Linear(1, 1)), {}, history, presence, monitor.masks)
+    assert [(w["epoch"], w["kind"]) for w in monitor.warnings] == [(4, "one_class")]  # 2 in a row, once
+    assert log == ["warning: fold 0 epoch 4: the presence head predicts empty for all 4 validation images "
+                   "(2 have a nerve); presence probabilities 0.300..0.300, 2 epochs in a row"]
 
 
 def test_gradient_warnings_use_the_thresholds() -> None:
