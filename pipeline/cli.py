@@ -7,6 +7,8 @@ the stage's plain `run` function. Heavy libraries are imported inside commands s
 from __future__ import annotations
 
 import functools
+import signal
+import threading
 from pathlib import Path
 from typing import Annotated, Callable, TypeVar
 
@@ -19,8 +21,17 @@ ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read t
 F = TypeVar("F", bound=Callable[..., object])
 
 
+def _stop_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (preemption, `kill`) unwinds like Ctrl-C, so atomic writes delete their temporaries."""
+    signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
+    typer.secho(f"error: stopped by {signal.Signals(signum).name}; unfinished outputs were not written "
+                "(run the stage again to finish)", fg=typer.colors.RED, err=True)
+    raise SystemExit(128 + signum)
+
+
 def friendly_errors(func: F) -> F:
-    """Turn the pipeline's own error types into a clear message and exit code 1, not a traceback."""
+    """Turn the pipeline's own error types into a clear message and exit code 1, not a traceback;
+    SIGTERM exits with code 143 after the same clean-up as an error."""
     @functools.wraps(func)
     def wrapper(*args: object, **kwargs: object) -> object:
         from pipeline.io import InputError
@@ -34,11 +45,16 @@ def friendly_errors(func: F) -> F:
             known += (CheckpointError, TrainingError)
         except ImportError:  # torch missing: only the torch-free commands can run anyway
             pass
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm) if main else None
         try:
             return func(*args, **kwargs)
         except known as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return wrapper  # type: ignore[return-value]
 
 

@@ -114,14 +114,32 @@ def run(raw_dir: str | Path, data: DataParams, out_dir: str | Path, metrics_path
 
 def read_manifest(interim_dir: str | Path) -> pd.DataFrame:
     """The load stage's manifest, with the test ids kept as strings."""
-    return pd.read_csv(Path(interim_dir) / "manifest.csv", dtype={"id": str, "mask_path": str},
-                       keep_default_na=False, na_values={"subject": [""], "frame": [""], "has_mask": [""],
-                                                         "mask_area": [""]})
+    path = Path(interim_dir) / "manifest.csv"
+    try:
+        manifest = pd.read_csv(path, dtype={"id": str, "mask_path": str}, keep_default_na=False,
+                               na_values={"subject": [""], "frame": [""], "has_mask": [""], "mask_area": [""]})
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (run the load stage first)") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable manifest ({exc})") from None
+    missing = [c for c in ("id", "split", "row") if c not in manifest.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (not written by the load stage?)")
+    return manifest
+
+
+def _open_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (run the load stage first)") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"{path}: unreadable or truncated array ({exc or type(exc).__name__})") from None
 
 
 def open_arrays(interim_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Memory-mapped (images, masks) of one split; masks is None for the test split."""
     d = Path(interim_dir)
-    images = np.load(d / f"{split}_images.npy", mmap_mode="r")
-    masks = np.load(d / f"{split}_masks.npy", mmap_mode="r") if split == "train" else None
+    images = _open_array(d / f"{split}_images.npy")
+    masks = _open_array(d / f"{split}_masks.npy") if split == "train" else None
     return images, masks

@@ -105,7 +105,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
         diff = {k: (config.get(k), v) for k, v in model_config(expect).items() if k in config and config[k] != v}
         raise CheckpointError(f"{path}: saved for a different model config: "
                               + ", ".join(f"train.{k} was {a!r}, params say {b!r}" for k, (a, b) in diff.items()))
-    t = _build(TrainParams, config, "train")
-    model = build_model(dataclasses.replace(t, encoder_weights="none"), in_channels)
-    model.load_state_dict(state["model"])
+    try:
+        t = _build(TrainParams, config, "train")
+        model = build_model(dataclasses.replace(t, encoder_weights="none"), in_channels)
+        model.load_state_dict(state["model"])
+    except Exception as exc:  # noqa: BLE001 - unknown encoder, config keys or weights that do not fit it
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: its weights do not fit its saved model config ({first[:300]})") from None
     return model, state

@@ -46,6 +46,18 @@ def apply(mask_prob: np.ndarray, presence_prob: np.ndarray, t: Thresholds) -> np
     return masks
 
 
+def check_probabilities(values: np.ndarray, what: str, ids: np.ndarray | list[str]) -> None:
+    """Refuse NaN, inf or values outside [0, 1]: every threshold comparison with NaN is False, so
+    a NaN would silently become an empty mask (or a skipped gate) instead of an error."""
+    values = np.asarray(values)
+    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+    if bad.any():
+        per_image = bad.reshape(len(values), -1).any(axis=1)
+        kind = "NaN/inf" if not np.isfinite(values).all() else "values outside [0, 1]"
+        examples = ", ".join(str(i) for i in np.asarray(ids)[per_image][:5])
+        raise InputError(f"{what}: {kind} for {int(per_image.sum())} of {len(values)} image(s), e.g. {examples}")
+
+
 def read_thresholds(path: str | Path) -> Thresholds:
     """Load the tune stage's thresholds.json, refusing anything but three sane numbers."""
     path = Path(path)

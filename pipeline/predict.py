@@ -19,9 +19,9 @@ from pipeline import rle
 from pipeline.io import InputError, atomic_path, write_json
 from pipeline.load import open_arrays, read_manifest
 from pipeline.metrics import dice_per_image
-from pipeline.model import CheckpointError, load_checkpoint, preprocess, split_outputs, to_native
+from pipeline.model import CheckpointError, input_channels, load_checkpoint, preprocess, split_outputs, to_native
 from pipeline.params import DataParams, PredictParams
-from pipeline.postprocess import Thresholds, apply, read_thresholds
+from pipeline.postprocess import Thresholds, apply, check_probabilities, read_thresholds
 
 TRUTH = Path("truth") / "test_masks.csv"
 
@@ -38,6 +38,7 @@ class Ensemble:
         if len(sizes) > 1:
             raise CheckpointError(f"{models_dir}: folds were trained at different sizes {sorted(sizes)}")
         self.size = sizes.pop()
+        self.channels = {path: input_channels(model) for path, (model, _) in zip(self.paths, loaded)}
         self.device = device
         self.members = [(model.to(device).eval(), state["norm"]) for model, state in loaded]
 
@@ -81,6 +82,11 @@ def run(interim_dir: str | Path, models_dir: str | Path, thresholds_path: str | 
     truth = _truth(raw_dir, ids, shape)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ensemble = Ensemble(models_dir, device)
+    channels = 1 if images.ndim == 3 else images.shape[3]
+    for path, c in ensemble.channels.items():
+        if c != channels:
+            raise CheckpointError(f"{path}: trained on {c}-channel input, but the test images have {channels} "
+                                  f"(data.channels changed since training?)")
 
     encoded: dict[str, str] = {}
     dice, truth_empty = [], []
@@ -88,7 +94,10 @@ def run(interim_dir: str | Path, models_dir: str | Path, thresholds_path: str | 
         batch_ids = ids[begin:begin + p.batch_size]
         batch = np.array(images[begin:begin + p.batch_size])  # a writable copy of the memory-mapped rows
         mask_prob, presence = ensemble(batch, p.tta_flip)
-        masks = apply(to_native(mask_prob, shape).cpu().numpy(), presence.cpu().numpy(), thresholds)
+        native, presence = to_native(mask_prob, shape).cpu().numpy(), presence.cpu().numpy()
+        for name, values in (("mask", native), ("presence", presence)):  # NaN would silently mean "empty"
+            check_probabilities(values, f"{models_dir}: {name} probabilities of the test images", batch_ids)
+        masks = apply(native, presence, thresholds)
         encoded.update((i, rle.encode(m, order, start)) for i, m in zip(batch_ids, masks))
         if truth is not None:
             true = np.stack([rle.decode(truth[i], shape) for i in batch_ids])

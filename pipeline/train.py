@@ -263,6 +263,9 @@ def validate(model: torch.nn.Module, fold: Fold, t: TrainParams, rt: Runtime) ->
     order = np.concatenate([p[0] for p in parts]).argsort(kind="stable")
     probs = np.concatenate([p[1] for p in parts])[order]
     presence = np.concatenate([p[2] for p in parts])[order]
+    if not (np.isfinite(probs).all() and np.isfinite(presence).all()):  # NaN > 0.5 is False: a silent "empty"
+        raise TrainingError(f"fold {fold.index}: the model predicts NaN/inf for validation images (diverged "
+                            f"weights); lower train.lr (now {t.lr}) or check the input images")
     metrics = evaluate(probs, presence, fold.y_val)
     metrics["loss"] = sum(p[3] for p in parts) / max(1, len(fold.x_val))
     return probs, presence, metrics

@@ -19,7 +19,7 @@ from pipeline.load import open_arrays, read_manifest
 from pipeline.metrics import dice_from_counts
 from pipeline.model import to_native
 from pipeline.params import TuneParams
-from pipeline.postprocess import Thresholds, keep
+from pipeline.postprocess import Thresholds, check_probabilities, keep
 
 CHUNK = 32  # images upsampled at once: 32 x 420 x 580 float32 is about 31 MB
 OOF_KEYS = ("ids", "mask_prob", "presence_prob")
@@ -36,13 +36,15 @@ def load_oof(oof_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             ids, mask_prob, presence = (data[k] for k in OOF_KEYS)
     except FileNotFoundError:
         raise InputError(f"{path}: out-of-fold predictions not found (run the train stage)") from None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file (click would say just "Aborted")
         hint = "; save ids as a str array, not objects" if "allow_pickle" in str(exc) else ""
-        raise InputError(f"{path}: unreadable ({exc}{hint})") from None
+        raise InputError(f"{path}: unreadable ({exc or type(exc).__name__}{hint})") from None
     n = len(ids)
     if n == 0 or mask_prob.ndim != 3 or mask_prob.shape[0] != n or presence.shape != (n,):
         raise InputError(f"{path}: inconsistent shapes: ids {ids.shape}, mask_prob {mask_prob.shape}, "
                          f"presence_prob {presence.shape}")
+    for name, values in (("mask_prob", mask_prob), ("presence_prob", presence)):
+        check_probabilities(values, f"{path}: {name}", ids)
     return ids.astype(str), mask_prob, presence.astype(np.float32)
 
 
