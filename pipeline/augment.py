@@ -98,14 +98,14 @@ def _preview(transform: A.Compose, images: np.ndarray, masks: np.ndarray, seed: 
     import matplotlib.pyplot as plt
 
     cols = 1 + PREVIEW_VARIANTS
-    h, w = images.shape[1:]
+    h, w = images.shape[1:3]  # gray (N,H,W) or RGB (N,H,W,3)
     fig, axes = plt.subplots(len(images), cols, figsize=(cols * 2.4, len(images) * 2.4 * h / w),
                              squeeze=False)
     for r, (image, mask) in enumerate(zip(images, masks)):
         pairs = [(image, mask)] + [apply(transform, image, mask, sample_seed(seed, v, r)) for v in range(PREVIEW_VARIANTS)]
         for c, (img, m) in enumerate(pairs):
             ax = axes[r, c]
-            ax.imshow(img, cmap="gray", vmin=0.0, vmax=1.0)
+            ax.imshow(np.clip(img, 0.0, 1.0), cmap="gray", vmin=0.0, vmax=1.0)
             if m.any():
                 ax.contour(m, levels=[0.5], colors="red", linewidths=0.8)
             ax.set_axis_off()

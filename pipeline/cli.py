@@ -90,22 +90,6 @@ def load(raw: Annotated[Path, typer.Option(help="Dataset folder (layout per data
 
 @app.command()
 @friendly_errors
-def validate(submission: Annotated[Path, typer.Argument(help="Submission CSV to check.")],
-             test_dir: Annotated[Path | None, typer.Option(help="Folder of test images N.tif: every id must appear once.")] = None,
-             height: int = 420, width: int = 580) -> None:
-    """Check a submission file: header, ids, and every run-length string."""
-    from pipeline.rle import validate_submission
-
-    if test_dir and not test_dir.is_dir():
-        from pipeline.io import InputError
-        raise InputError(f"{test_dir}: test folder not found")
-    ids = sorted(p.stem for p in test_dir.glob("*.tif")) if test_dir else None
-    rows = validate_submission(submission, ids, (height, width))
-    typer.echo(f"{submission}: valid ({rows} rows)")
-
-
-@app.command()
-@friendly_errors
 def dedup(interim: Annotated[Path, typer.Option(help="The load stage's folder (train arrays and manifest).")],
           out: Annotated[Path, typer.Option(help="Folder for pairs.csv and groups.csv.")],
           reports: Annotated[Path, typer.Option(help="Folder for metrics.json and the audit gallery.png.")],
@@ -192,6 +176,36 @@ def predict(interim: Annotated[Path, typer.Option(help="The load stage's folder 
 
     p = load_params(params)
     _echo_summary(stage.run(interim, models, thresholds, raw, out, metrics, p.predict, p.data))
+
+
+@app.command()
+@friendly_errors
+def validate(submission: Annotated[Path, typer.Argument(help="Submission CSV to check.")],
+             test_dir: Annotated[Path | None, typer.Option(help="Folder of test images: every id must appear once.")] = None,
+             height: Annotated[int | None, typer.Option(help="Image rows; default: the test images', else 420.")] = None,
+             width: Annotated[int | None, typer.Option(help="Image columns; default: the test images', else 580.")] = None,
+             params: ParamsOpt = Path("params.yaml")) -> None:
+    """Check a submission file: header, ids, and every run-length string (conventions from data.*)."""
+    from pipeline.io import InputError, read_image
+    from pipeline.layouts import IMAGE_SUFFIXES
+    from pipeline.params import load_params
+    from pipeline.rle import KAGGLE_SHAPE, validate_submission
+
+    data = load_params(params).data
+    ids, shape = None, KAGGLE_SHAPE
+    if test_dir is not None:
+        if not test_dir.is_dir():
+            raise InputError(f"{test_dir}: test folder not found")
+        images = sorted(p for p in test_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise InputError(f"{test_dir}: no test images ({', '.join(IMAGE_SUFFIXES)})")
+        ids = [p.stem for p in images]
+        if height is None or width is None:
+            shape = read_image(images[0], data.channels)[0].shape[:2]
+    shape = (height or shape[0], width or shape[1])
+    rows = validate_submission(submission, ids, shape, columns=data.submission_columns,
+                               start=data.rle_start, numeric_ids=data.layout == "ultrasound")
+    typer.echo(f"{submission}: valid ({rows} rows)")
 
 
 @app.command()

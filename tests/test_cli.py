@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -17,11 +18,25 @@ def params(tmp_path):
     return path
 
 
-def test_help_lists_every_stage():
+def test_help_lists_every_stage_in_pipeline_order():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
-    for command in ("synth", "load", "validate"):
-        assert command in result.output
+    stages = ("synth", "load", "dedup", "clean", "augment", "train", "tune", "predict", "validate", "report")
+    listed = [m.group(1) for m in re.finditer(r"^\W*(\w+)\s{2,}\S", result.output, re.MULTILINE)]
+    assert [name for name in listed if name in stages] == list(stages), listed
+
+
+def test_validate_takes_the_image_size_from_the_test_images(params, tmp_path):
+    """64x80 test images: a run ending at pixel 5120 fits, one past it does not (420x580 would take both)."""
+    raw = tmp_path / "raw"
+    assert runner.invoke(app, ["synth", "--out", str(raw), "--params", str(params)]).exit_code == 0
+    ids = sorted(int(p.stem) for p in (raw / "test").glob("*.tif"))
+    for end, code in ((5120, 0), (5121, 1)):
+        sub = tmp_path / f"sub{end}.csv"
+        sub.write_text("img,pixels\n" + "".join(f"{i},{end - 9} 10\n" for i in ids))
+        result = runner.invoke(app, ["validate", str(sub), "--test-dir", str(raw / "test"), "--params", str(params)])
+        assert result.exit_code == code, result.output
+    assert "past the image" in result.output or "5121" in result.output
 
 
 def test_synth_then_load(params, tmp_path):

@@ -109,3 +109,56 @@ def test_rgb_channels_kept(datasets, tmp_path):
     summary, _, images, _ = _load(datasets / "folders", DataParams(layout="folders", channels="rgb"), tmp_path)
     assert summary["channels"] == 3 and images.shape[-1] == 3
     assert np.array_equal(images[..., 0], images[..., 2])
+
+
+def test_csv_layout_end_to_end_with_its_own_conventions(tmp_path):
+    """csv layout, RGB kept, row-major 0-indexed RLE, string ids, 64x80: load -> train -> tune -> predict.
+
+    The submission must use the dataset's header, ids and RLE convention at its native size:
+    decoded with that convention it gives the same masks as the ultrasound convention does.
+    """
+    from pipeline import augment, clean, dedup, predict, train, tune
+    from pipeline.model import input_channels, load_checkpoint
+    from pipeline.params import AugmentParams, CleanParams, DedupParams, PredictParams, TrainParams, TuneParams
+
+    raw = tmp_path / "raw"
+    synth.run(SynthParams(layout="csv", subjects=3, frames_per_subject=6, test_images=4, height=64, width=80),
+              seed=3, out_dir=raw)
+    shutil.rmtree(raw / "truth")  # the generator's truth is keyed by the numeric ids renamed below
+    test_ids = ["a1f0", "b72c", "c004", "d9e3"]
+    for old, new in zip(sorted((raw / "test" / "images").iterdir()), test_ids):
+        old.rename(old.with_name(f"{new}.png"))
+    table = pd.read_csv(raw / "train.csv", dtype=str, keep_default_na=False)
+    table["rle_mask"] = [rle.encode(rle.decode(t, (64, 80)), order="C", start=0) for t in table.rle_mask]
+    table.to_csv(raw / "train.csv", index=False)
+    data = DataParams(layout="csv", channels="rgb", rle_order="row", rle_start=0, group_column="group",
+                      submission_columns=("id", "rle_mask"))
+
+    interim = tmp_path / "interim"
+    assert load.run(raw, data, interim, tmp_path / "load.json")["channels"] == 3
+    dedup.run(DedupParams(block_size=4, scope="global"), interim, tmp_path / "dedup", tmp_path / "dedup_reports")
+    clean.run(CleanParams(), interim, tmp_path / "dedup", raw, tmp_path / "processed", tmp_path / "clean.json")
+    t = TrainParams(encoder_depth=3, decoder_channels=(16, 8, 4), height=32, width=48, epochs=1, batch_size=4,
+                    folds=3, train_folds=1)
+    augment.run(AugmentParams(preview_samples=2), 1, (t.height, t.width), interim, tmp_path / "aug.json",
+                tmp_path / "preview.png")
+    train.run(t, 1, interim, tmp_path / "processed" / "manifest.csv", tmp_path / "aug.json", tmp_path / "models",
+              tmp_path / "oof", tmp_path / "train_reports")
+    model, _ = load_checkpoint(tmp_path / "models" / "fold_0" / "best.pt", map_location="cpu")
+    assert input_channels(model) == 3
+    median = float(np.median(np.load(tmp_path / "oof" / "oof.npz")["mask_prob"]))  # partial masks, not all or none
+    tune.run(tmp_path / "oof", interim, tmp_path / "thresholds.json", tmp_path / "tune_reports",
+             TuneParams(pixel_thresholds=(round(median, 6),), presence_thresholds=(0.0,), min_areas=(0,)))
+
+    def submit(name: str, d: DataParams) -> pd.DataFrame:
+        predict.run(interim, tmp_path / "models", tmp_path / "thresholds.json", raw, tmp_path / name,
+                    tmp_path / f"{name}.json", PredictParams(tta_flip=False), d)
+        return pd.read_csv(tmp_path / name, dtype=str, keep_default_na=False)
+
+    ours = submit("ours.csv", data)
+    kaggle = submit("kaggle.csv", DataParams(layout="csv", channels="rgb"))
+    assert list(ours.columns) == ["id", "rle_mask"] and ours.id.tolist() == test_ids
+    decoded = [rle.decode(r, (64, 80), order="C", start=0) for r in ours.rle_mask]
+    for mine, theirs in zip(decoded, kaggle.pixels):
+        assert np.array_equal(mine, rle.decode(theirs, (64, 80)))
+    assert any(0 < m.sum() < m.size for m in decoded)  # partial masks, so the pixel order matters
