@@ -64,7 +64,7 @@ th,td{border:1px solid #d8dbe2;padding:4px 10px;text-align:left} th{background:#
 td.n{text-align:right;font-variant-numeric:tabular-nums} tr.current td{background:#fff7d6;font-weight:600}
 .note{background:#fff4e5;border-left:4px solid #e8a33d;padding:8px 12px;margin:8px 0}
 img{max-width:100%;height:auto;background:#fff;border:1px solid #d8dbe2;margin:6px 0}
-.stages{display:flex;flex-wrap:wrap;gap:6px 28px;align-items:flex-start} .stages>div{max-width:360px}
+.stages{display:flex;flex-wrap:wrap;gap:6px 28px;align-items:flex-start} .stages>div{max-width:560px}
 .stages p{font-size:13px;color:#5a6172;margin:0 0 4px} .tw{overflow-x:auto} code{background:#eef0f4;padding:1px 4px}
 """
 
@@ -200,7 +200,12 @@ def stage_metrics(reports: Path, metrics: dict[str, dict[str, Any] | None]) -> S
             s.note(f"{path}: missing or unreadable (run the {stage} stage).")
         else:
             s.text(meaning)
-            s.table(["metric", "value"], flatten(data).items())
+            scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+            groups = {k: flatten(v) for k, v in data.items() if isinstance(v, dict)}  # e.g. fold_0..fold_K
+            s.table(["metric", "value"], scalars.items())
+            if groups:  # one column per group reads better than fold_0.dice, fold_1.dice, ... rows
+                keys = list(dict.fromkeys(k for g in groups.values() for k in g))
+                s.table(["metric", *groups], ([k, *(g.get(k) for g in groups.values())] for k in keys))
         s.html.append("</div>")
     s.html.append("</div>")
     return s

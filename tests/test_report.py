@@ -33,7 +33,8 @@ def run_dir(tmp_path: Path, tiny_interim: Path) -> Path:
     r = tmp_path / "reports"
     for stage, data in {"load": {"train_images": 30, "empty_fraction": 0.5333}, "dedup": {"pairs": 17},
                         "clean": {"kept": 27, "dropped": 3}, "tune": TUNE,
-                        "train": {"dice": 0.74567, "fold_0": {"dice": 0.74567, "best_epoch": 2}},
+                        "train": {"dice": 0.74567, "fold_0": {"dice": 0.74567, "best_epoch": 2},
+                                  "fold_1": {"dice": 0.61234, "best_epoch": 3}},
                         "predict": {"synthetic_test_dice": 0.79876, "test_images": 6}}.items():
         (r / stage).mkdir(parents=True)
         (r / stage / "metrics.json").write_text(json.dumps(data))
@@ -92,6 +93,13 @@ def test_key_numbers_in_html_and_summary(run_dir, tiny_interim):
                   "Missed nerves", "dedup audit", "Augmentation preview", "Training curves"):
         assert title in page and title in summary, title
     assert "](dedup/gallery.png)" in summary and "](augment/preview.png)" in summary
+
+
+def test_per_fold_metrics_are_one_column_per_fold(run_dir, tiny_interim):
+    _, summary = _run(run_dir, tiny_interim)
+    assert "| metric | fold_0 | fold_1 |" in summary
+    assert "| dice | 0.7457 | 0.6123 |" in summary and "| best_epoch | 2 | 3 |" in summary
+    assert "fold_0.dice" not in summary
 
 
 def test_presence_gate_off_also_shows_the_default_gate(run_dir, tiny_interim):
