@@ -93,17 +93,17 @@ def main() -> None:
         synth=dataclasses.replace(base.synth, subjects=args.subjects, frames_per_subject=args.frames,
                                   test_images=args.test_images),
         train=dataclasses.replace(base.train, epochs=args.epochs, folds=args.folds, train_folds=args.folds))
-    began = time.perf_counter()
-    tables = {seed: one_seed(base, seed, args.out / f"seed_{seed}") for seed in args.seeds}
-    print(f"\n{args.subjects} subjects x {args.frames} frames, {args.test_images} test images, "
-          f"{args.folds} folds x {args.epochs} epochs at {base.train.height}x{base.train.width}, "
-          f"seeds {args.seeds}, {time.perf_counter() - began:.0f} s in all\n")
-    for seed, table in tables.items():
-        print(f"seed {seed}\n\n| configuration | synthetic test Dice | OOF Dice (0.5 gates) | training images |")
-        print("|---|---|---|---|")
+    print(f"{args.subjects} subjects x {args.frames} frames, {args.test_images} test images, "
+          f"{args.folds} folds x {args.epochs} epochs at {base.train.height}x{base.train.width}", flush=True)
+    tables = {}
+    for seed in args.seeds:  # each seed's table as soon as it is done: a long run may be cut short
+        began = time.perf_counter()
+        tables[seed] = table = one_seed(base, seed, args.out / f"seed_{seed}")
+        print(f"\nseed {seed} ({time.perf_counter() - began:.0f} s)\n\n"
+              "| configuration | synthetic test Dice | OOF Dice (0.5 gates) | training images |\n|---|---|---|---|")
         for name, dice, oof, kept in table:
             print(f"| {name} | {dice:.4f} | {'-' if oof is None else f'{oof:.4f}'} | {kept} |")
-        print()
+        print(flush=True)
     if len(tables) > 1:
         dice = np.array([[row[1] for row in table] for table in tables.values()])
         print(f"mean over {len(tables)} seeds (min-max)\n\n| configuration | synthetic test Dice |\n|---|---|")
