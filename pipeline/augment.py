@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.io import InputError, atomic_path, save_figure
 from pipeline.load import open_arrays, read_manifest
 from pipeline.model import preprocess
-from pipeline.params import AugmentParams
+from pipeline.params import AugmentParams, Params
 
 PREVIEW_VARIANTS = 3
 CHUNK = 64
@@ -114,9 +114,9 @@ def _preview(transform: A.Compose, images: np.ndarray, masks: np.ndarray, seed: 
     save_figure(fig, path)
 
 
-def run(a: AugmentParams, seed: int, size: tuple[int, int], interim_dir: str | Path, out_path: str | Path,
-        preview_path: str | Path) -> dict[str, Any]:
+def run(params: Params, *, interim: str | Path, out: str | Path, preview: str | Path) -> dict[str, Any]:
     """Save the pipeline and a preview grid of training samples (half with a nerve) at the working size."""
+    a, seed, size, interim_dir = params.augment, params.seed, (params.train.height, params.train.width), interim
     transform = build(a, seed)
     manifest = read_manifest(interim_dir)
     train = manifest[manifest.split == "train"]
@@ -131,7 +131,7 @@ def run(a: AugmentParams, seed: int, size: tuple[int, int], interim_dir: str | P
                                    rng.choice(without, min(len(without), n - k), replace=False)]).astype(int))
     images, masks = open_arrays(interim_dir, "train")
     x, y = working_arrays(images[rows], masks[rows], size)
-    save(transform, out_path)
-    _preview(load(out_path), x, y, seed, Path(preview_path))
+    save(transform, out)
+    _preview(A.from_dict(A.to_dict(transform)), x, y, seed, Path(preview))  # as train will read it back
     return {"transforms": len(transform.transforms), "preview_samples": int(len(rows)),
             "working_size": f"{size[0]}x{size[1]}"}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.io import InputError, atomic_dir, write_csv, write_json
-from pipeline.params import CleanParams
+from pipeline.params import Params
 
 PAIR_COLUMNS = ["id_a", "id_b", "has_mask_a", "has_mask_b", "contradictory"]
 TRUTH_COLUMNS = ["id", "corrupted"]
@@ -81,10 +81,11 @@ def precision_recall(flagged: set[str], truth: set[str]) -> tuple[float, float]:
     return (hits / len(flagged) if flagged else 0.0), (hits / len(truth) if truth else 0.0)
 
 
-def run(params: CleanParams, interim_dir: str | Path, dedup_dir: str | Path, raw_dir: str | Path,
-        out_dir: str | Path, metrics_path: str | Path) -> dict[str, float]:
-    """Write the kept train rows to out_dir/manifest.csv and the summary to metrics_path."""
-    interim_dir, dedup_dir, raw_dir = Path(interim_dir), Path(dedup_dir), Path(raw_dir)
+def run(params: Params, *, interim: str | Path, dedup: str | Path, raw: str | Path,
+        out: str | Path, metrics: str | Path) -> dict[str, float]:
+    """Write the kept train rows to `out`/manifest.csv and the summary to `metrics`."""
+    params = params.clean
+    interim_dir, dedup_dir, raw_dir = Path(interim), Path(dedup), Path(raw)
     # Read as text, so the kept rows are written back exactly as the load stage wrote them.
     manifest = _read_csv(interim_dir / "manifest.csv", ["id", "split"], "run the load stage first")
     train = manifest[manifest.split == "train"]
@@ -97,7 +98,7 @@ def run(params: CleanParams, interim_dir: str | Path, dedup_dir: str | Path, raw
                          f"{interim_dir / 'manifest.csv'}, e.g. {', '.join(unknown[:5])} (stale dedup output?)")
     reasons = drop_reasons(pairs, params.policy)
     kept = train[~train.id.isin(reasons.index)]
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out) as tmp:
         write_csv(tmp / "manifest.csv", kept)
     counts = reasons.value_counts()
     summary: dict[str, float] = {
@@ -125,5 +126,5 @@ def run(params: CleanParams, interim_dir: str | Path, dedup_dir: str | Path, raw
             "synthetic_dropped_precision": round(dropped_p, 4),
             "synthetic_dropped_recall": round(dropped_r, 4),
         }
-    write_json(metrics_path, summary)
+    write_json(metrics, summary)
     return summary

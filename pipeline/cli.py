@@ -1,16 +1,22 @@
-"""The command line: one thin typer command per DVC stage.
+"""The command line: one typer command per DVC stage, all built from the `STAGES` table.
 
-Each command parses options, loads params.yaml once into typed settings and calls
-the stage's plain `run` function. Heavy libraries are imported inside commands so
+Every stage command has one shape: parse its path options, load params.yaml once into typed
+settings, refuse outputs that would delete or replace an input or something the stage did not
+write (before any work), then call the stage's `run(params, *, <paths>)` inside one commit, so
+its outputs appear together or not at all. Heavy libraries are imported inside commands so
 `pipeline --help` stays fast. Known input problems exit with a one-line error.
 """
 from __future__ import annotations
 
 import functools
+import importlib
+import inspect
+import os
 import signal
 import threading
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, TypeVar
+from typing import Annotated, Callable, Literal, TypeVar
 
 import typer
 
@@ -34,7 +40,7 @@ def friendly_errors(func: F) -> F:
     SIGTERM exits with code 143 after the same clean-up as an error."""
     @functools.wraps(func)
     def wrapper(*args: object, **kwargs: object) -> object:
-        from pipeline.io import InputError
+        from pipeline.errors import InputError
         from pipeline.params import ParamsError
         from pipeline.rle import RLEError, SubmissionError
 
@@ -58,127 +64,127 @@ def friendly_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+Role = Literal["input", "replace", "folder", "persist"]
+
+
+@dataclass(frozen=True)
+class PathOption:
+    """One `--name PATH` option of a stage command, passed to `run` as the keyword `name`.
+
+    role: input (read only); replace (an output file or folder replaced as a whole); folder (a
+    folder the stage writes files into); persist (a folder written in place and kept between
+    runs: train's resumable checkpoints).
+    """
+    name: str
+    role: Role
+    help: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    help: str
+    paths: tuple[PathOption, ...]
+    outputs_may_nest_in: tuple[str, ...] = ()   # inputs that are folders of pipeline outputs
+
+
+def _in(name: str, help: str) -> PathOption:
+    return PathOption(name, "input", help)
+
+
+def _out(name: str, help: str, role: Role = "replace") -> PathOption:
+    return PathOption(name, role, help)
+
+
+_INTERIM = "The load stage's folder (arrays and manifest)."
+_RAW = "Dataset folder; its truth/ (synthetic data only) is scored against."
+STAGES = (
+    Stage("synth", "Generate the embedded synthetic ultrasound dataset (train/, test/, truth/).", (
+        _out("out", "Folder to write the Kaggle-layout dataset to."),)),
+    Stage("load", "Read and validate the images and masks into compact arrays plus a manifest.", (
+        _in("raw", "Dataset folder (layout per data.layout)."),
+        _out("out", "Folder for the arrays and manifest."),
+        _out("metrics", "Where to write the summary metrics JSON."))),
+    Stage("dedup", "Find near-duplicate train frames (block histograms + cosine) and flag contradictory labels.", (
+        _in("interim", _INTERIM),
+        _out("out", "Folder for pairs.csv and groups.csv."),
+        _out("reports", "Folder for metrics.json and the audit gallery.png.", "folder"))),
+    Stage("clean", "Drop train frames whose labels contradict a near-duplicate, per clean.policy.", (
+        _in("interim", _INTERIM),
+        _in("dedup", "The dedup stage's folder (pairs.csv)."),
+        _in("raw", _RAW),
+        _out("out", "Folder for the cleaned manifest.csv."),
+        _out("metrics", "Where to write the summary metrics JSON."))),
+    Stage("augment", "Build the augmentation pipeline from params, save it, and draw a preview of augmented samples.", (
+        _in("interim", _INTERIM),
+        _out("out", "Where to save the albumentations pipeline (JSON)."),
+        _out("preview", "Where to write the preview grid PNG."))),
+    Stage("train", "Train the U-Net + presence head on subject-grouped folds; resumes from last.pt. "
+                   "Works under torchrun.", (
+        _in("interim", _INTERIM),
+        _in("manifest", "The cleaned manifest: the rows to train on."),
+        _in("augment", "The augment stage's saved pipeline."),
+        _out("models", "Folder for fold_K/best.pt (and last.pt while a fold is unfinished).", "persist"),
+        _out("oof", "Folder for oof.npz (validation probabilities).", "folder"),
+        _out("reports", "dvclive folder: metrics.json and per-epoch plots.", "folder"))),
+    Stage("tune", "Pick pixel / presence / min-area thresholds by mean Dice on out-of-fold predictions.", (
+        _in("oof", "The train stage's folder with oof.npz."),
+        _in("interim", _INTERIM),
+        _out("out", "Where to write the chosen thresholds (JSON)."),
+        _out("reports", "Folder for grid.csv, the plots and metrics.json.", "folder"))),
+    Stage("predict", "Predict the test images and write a validated run-length-encoded submission.", (
+        _in("interim", _INTERIM),
+        _in("models", "Folder of fold_K/best.pt checkpoints; all are averaged."),
+        _in("thresholds", "The tune stage's thresholds JSON."),
+        _in("raw", _RAW),
+        _out("out", "Where to write the submission CSV."),
+        _out("metrics", "Where to write the summary metrics JSON."))),
+    Stage("report", "Write one offline HTML page (and a Markdown summary) of this run and all DVC experiments.", (
+        _in("reports", "Folder of the stages' reports (reports/<stage>/...)."),
+        _in("interim", _INTERIM),
+        _in("oof", "The train stage's folder with oof.npz."),
+        _in("thresholds", "The tune stage's thresholds JSON."),
+        _out("html", "Where to write the self-contained HTML report."),
+        _out("summary", "Where to write the Markdown summary.")), outputs_may_nest_in=("reports",)),
+)
+
+
 def _echo_summary(summary: dict) -> None:
     for key, value in summary.items():
         typer.echo(f"{key}: {value}")
 
 
-@app.command()
-@friendly_errors
-def synth(out: Annotated[Path, typer.Option(help="Folder to write the Kaggle-layout dataset to.")],
-          params: ParamsOpt = Path("params.yaml")) -> None:
-    """Generate the embedded synthetic ultrasound dataset (train/, test/, truth/)."""
-    from pipeline import synth as stage
+def run_stage(stage: Stage, params_file: Path, paths: dict[str, Path]) -> dict:
+    """Check the paths, then run the stage inside one commit; returns its summary."""
+    from pipeline.atomic import Output, check_paths, stage_commit
     from pipeline.params import load_params
 
-    p = load_params(params)
-    _echo_summary(stage.run(p.synth, p.seed, out))
+    params = load_params(params_file)
+    roles = {option.name: option.role for option in stage.paths}
+    inputs = {name: path for name, path in paths.items() if roles[name] == "input"}
+    outputs = {name: Output(path, roles[name]) for name, path in paths.items() if roles[name] != "input"}
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
+        check_paths(stage.name, inputs=inputs, outputs=outputs, outputs_may_nest_in=stage.outputs_may_nest_in)
+    run = importlib.import_module(f"pipeline.{stage.name}").run
+    persistent = [out.path for out in outputs.values() if out.role == "persist"]
+    with stage_commit(stage.name, immediate=persistent):
+        return run(params, **paths)
 
 
-@app.command()
-@friendly_errors
-def load(raw: Annotated[Path, typer.Option(help="Dataset folder (layout per data.layout).")],
-         out: Annotated[Path, typer.Option(help="Folder for the arrays and manifest.")],
-         metrics: Annotated[Path, typer.Option(help="Where to write the summary metrics JSON.")],
-         params: ParamsOpt = Path("params.yaml")) -> None:
-    """Read and validate the images and masks into compact arrays plus a manifest."""
-    from pipeline import load as stage
-    from pipeline.params import load_params
+def _stage_command(stage: Stage) -> Callable[..., None]:
+    def command(**options: Path) -> None:
+        params_file = options.pop("params")
+        _echo_summary(run_stage(stage, params_file, options))
 
-    _echo_summary(stage.run(raw, load_params(params).data, out, metrics))
-
-
-@app.command()
-@friendly_errors
-def dedup(interim: Annotated[Path, typer.Option(help="The load stage's folder (train arrays and manifest).")],
-          out: Annotated[Path, typer.Option(help="Folder for pairs.csv and groups.csv.")],
-          reports: Annotated[Path, typer.Option(help="Folder for metrics.json and the audit gallery.png.")],
-          params: ParamsOpt = Path("params.yaml")) -> None:
-    """Find near-duplicate train frames (block histograms + cosine) and flag contradictory labels."""
-    from pipeline import dedup as stage
-    from pipeline.params import load_params
-
-    _echo_summary(stage.run(load_params(params).dedup, interim, out, reports))
+    command.__name__, command.__doc__ = stage.name, stage.help
+    command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+        [inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY,
+                           annotation=Annotated[Path, typer.Option(help=option.help)]) for option in stage.paths]
+        + [inspect.Parameter("params", inspect.Parameter.KEYWORD_ONLY, annotation=ParamsOpt,
+                             default=Path("params.yaml"))])
+    return friendly_errors(command)
 
 
-@app.command()
-@friendly_errors
-def clean(interim: Annotated[Path, typer.Option(help="The load stage's folder (its manifest).")],
-          dedup: Annotated[Path, typer.Option(help="The dedup stage's folder (pairs.csv).")],
-          raw: Annotated[Path, typer.Option(help="Dataset folder; its truth/ (synthetic data only) is scored against.")],
-          out: Annotated[Path, typer.Option(help="Folder for the cleaned manifest.csv.")],
-          metrics: Annotated[Path, typer.Option(help="Where to write the summary metrics JSON.")],
-          params: ParamsOpt = Path("params.yaml")) -> None:
-    """Drop train frames whose labels contradict a near-duplicate, per clean.policy."""
-    from pipeline import clean as stage
-    from pipeline.params import load_params
-
-    _echo_summary(stage.run(load_params(params).clean, interim, dedup, raw, out, metrics))
-
-
-@app.command()
-@friendly_errors
-def augment(interim: Annotated[Path, typer.Option(help="The load stage's folder (train images for the preview).")],
-            out: Annotated[Path, typer.Option(help="Where to save the albumentations pipeline (JSON).")],
-            preview: Annotated[Path, typer.Option(help="Where to write the preview grid PNG.")],
-            params: ParamsOpt = Path("params.yaml")) -> None:
-    """Build the augmentation pipeline from params, save it, and draw a preview of augmented samples."""
-    from pipeline import augment as stage
-    from pipeline.params import load_params
-
-    p = load_params(params)
-    _echo_summary(stage.run(p.augment, p.seed, (p.train.height, p.train.width), interim, out, preview))
-
-
-@app.command()
-@friendly_errors
-def train(interim: Annotated[Path, typer.Option(help="The load stage's folder (train image and mask arrays).")],
-          manifest: Annotated[Path, typer.Option(help="The cleaned manifest: the rows to train on.")],
-          augment: Annotated[Path, typer.Option(help="The augment stage's saved pipeline.")],
-          models: Annotated[Path, typer.Option(help="Folder for fold_K/best.pt and last.pt (kept for resuming).")],
-          oof: Annotated[Path, typer.Option(help="Folder for oof.npz (validation probabilities).")],
-          reports: Annotated[Path, typer.Option(help="dvclive folder: metrics.json and per-epoch plots.")],
-          params: ParamsOpt = Path("params.yaml")) -> None:
-    """Train the U-Net + presence head on subject-grouped folds; resumes from last.pt. Works under torchrun."""
-    from pipeline import train as stage
-    from pipeline.params import load_params
-
-    p = load_params(params)
-    _echo_summary(stage.run(p.train, p.seed, interim, manifest, augment, models, oof, reports, p.diagnostics))
-
-
-@app.command()
-@friendly_errors
-def tune(oof: Annotated[Path, typer.Option(help="The train stage's folder with oof.npz.")],
-         interim: Annotated[Path, typer.Option(help="The load stage's folder (true train masks, manifest).")],
-         out: Annotated[Path, typer.Option(help="Where to write the chosen thresholds (JSON).")],
-         reports: Annotated[Path, typer.Option(help="Folder for grid.csv, the plots and metrics.json.")],
-         params: ParamsOpt = Path("params.yaml")) -> None:
-    """Pick pixel / presence / min-area thresholds by mean Dice on out-of-fold predictions."""
-    from pipeline import tune as stage
-    from pipeline.params import load_params
-
-    _echo_summary(stage.run(oof, interim, out, reports, load_params(params).tune))
-
-
-@app.command()
-@friendly_errors
-def predict(interim: Annotated[Path, typer.Option(help="The load stage's folder (test images, manifest).")],
-            models: Annotated[Path, typer.Option(help="Folder of fold_K/best.pt checkpoints; all are averaged.")],
-            thresholds: Annotated[Path, typer.Option(help="The tune stage's thresholds JSON.")],
-            raw: Annotated[Path, typer.Option(help="Dataset folder; its truth/ (synthetic data only) is scored against.")],
-            out: Annotated[Path, typer.Option(help="Where to write the submission CSV.")],
-            metrics: Annotated[Path, typer.Option(help="Where to write the summary metrics JSON.")],
-            params: ParamsOpt = Path("params.yaml")) -> None:
-    """Predict the test images and write a validated run-length-encoded submission."""
-    from pipeline import predict as stage
-    from pipeline.params import load_params
-
-    p = load_params(params)
-    _echo_summary(stage.run(interim, models, thresholds, raw, out, metrics, p.predict, p.data))
-
-
-@app.command()
 @friendly_errors
 def validate(submission: Annotated[Path, typer.Argument(help="Submission CSV to check.")],
              test_dir: Annotated[Path | None, typer.Option(help="Folder of test images: every id must appear once.")] = None,
@@ -186,40 +192,15 @@ def validate(submission: Annotated[Path, typer.Argument(help="Submission CSV to 
              width: Annotated[int | None, typer.Option(help="Image columns; default: the test images', else 580.")] = None,
              params: ParamsOpt = Path("params.yaml")) -> None:
     """Check a submission file: header, ids, and every run-length string (conventions from data.*)."""
-    from pipeline.io import InputError, read_image
-    from pipeline.layouts import IMAGE_SUFFIXES
     from pipeline.params import load_params
-    from pipeline.rle import KAGGLE_SHAPE, validate_submission
+    from pipeline.rle import validate_submission_file
 
-    data = load_params(params).data
-    ids, shape = None, KAGGLE_SHAPE
-    if test_dir is not None:
-        if not test_dir.is_dir():
-            raise InputError(f"{test_dir}: test folder not found")
-        images = sorted(p for p in test_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not images:
-            raise InputError(f"{test_dir}: no test images ({', '.join(IMAGE_SUFFIXES)})")
-        ids = [p.stem for p in images]
-        if height is None or width is None:
-            shape = read_image(images[0], data.channels)[0].shape[:2]
-    shape = (height or shape[0], width or shape[1])
-    rows = validate_submission(submission, ids, shape, columns=data.submission_columns,
-                               start=data.rle_start, numeric_ids=data.layout == "ultrasound")
+    rows = validate_submission_file(submission, test_dir=test_dir, height=height, width=width,
+                                    data=load_params(params).data)
     typer.echo(f"{submission}: valid ({rows} rows)")
 
 
-@app.command()
-@friendly_errors
-def report(reports: Annotated[Path, typer.Option(help="Folder of the stages' reports (reports/<stage>/...).")],
-           interim: Annotated[Path, typer.Option(help="The load stage's folder (train images, masks, manifest).")],
-           oof: Annotated[Path, typer.Option(help="The train stage's folder with oof.npz.")],
-           thresholds: Annotated[Path, typer.Option(help="The tune stage's thresholds JSON.")],
-           html: Annotated[Path, typer.Option(help="Where to write the self-contained HTML report.")],
-           summary: Annotated[Path, typer.Option(help="Where to write the Markdown summary.")],
-           params: ParamsOpt = Path("params.yaml")) -> None:
-    """Write one offline HTML page (and a Markdown summary) of this run and all DVC experiments."""
-    from pipeline import report as stage
-    from pipeline.params import load_params
-
-    p = load_params(params)
-    _echo_summary(stage.run(p.report, reports, interim, oof, thresholds, params, html, summary))
+for _stage in STAGES:  # in pipeline order, as --help lists them; validate checks predict's output
+    if _stage.name == "report":
+        app.command()(validate)
+    app.command(name=_stage.name)(_stage_command(_stage))

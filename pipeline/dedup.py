@@ -33,7 +33,7 @@ from tqdm import tqdm
 from pipeline.io import InputError, atomic_dir, save_figure, write_csv, write_json
 from pipeline.load import open_arrays, read_manifest
 from pipeline.metrics import dice_per_image
-from pipeline.params import DedupParams, ParamsError
+from pipeline.params import Params, ParamsError
 
 EXACT_BATCH = 1024   # candidate pairs re-checked in float64 at once (two 1024 x D float64 buffers)
 DICE_BATCH = 32      # mask pairs compared at once (2 x 32 full-size masks in memory)
@@ -244,11 +244,12 @@ def _train_table(interim_dir: Path, n_images: int) -> pd.DataFrame:
     return train
 
 
-def run(params: DedupParams, interim_dir: str | Path, out_dir: str | Path, reports_dir: str | Path,
+def run(params: Params, *, interim: str | Path, out: str | Path, reports: str | Path,
         progress: bool = True) -> dict[str, float]:
-    """Write pairs.csv and groups.csv to out_dir, metrics.json and gallery.png to reports_dir."""
+    """Write pairs.csv and groups.csv to `out`, metrics.json and gallery.png to `reports`."""
     started = time.perf_counter()
-    interim_dir, reports_dir = Path(interim_dir), Path(reports_dir)
+    params = params.dedup
+    interim_dir, reports_dir = Path(interim), Path(reports)
     for name in ("manifest.csv", "train_images.npy", "train_masks.npy"):
         if not (interim_dir / name).is_file():
             raise InputError(f"{interim_dir / name}: not found (run the load stage first)")
@@ -269,7 +270,7 @@ def run(params: DedupParams, interim_dir: str | Path, out_dir: str | Path, repor
                                            params.min_pair_dice)
     labels = group_labels(len(images), rows_a, rows_b)
     group_sizes = np.bincount(labels)
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out) as tmp:
         write_csv(tmp / "pairs.csv", pairs)
         write_csv(tmp / "groups.csv", pd.DataFrame({"id": ids, "group": labels}))
     shown = np.flatnonzero(pairs.contradictory.to_numpy())

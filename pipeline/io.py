@@ -1,142 +1,17 @@
-"""File I/O shared by every stage: atomic writes, TIFF/PNG images, JSON metrics.
-
-Every output goes through `atomic_path` / `atomic_dir`: written to a temporary sibling
-named `.NAME.pidPID.XXXXXXXX.tmp` and renamed into place, so a killed stage never leaves
-a half-written file where DVC would cache it. A process killed outright (SIGKILL, power
-loss) cannot delete its temporary; the next atomic write into the same folder removes
-every such leftover whose process is gone (`remove_stale_temps`), and `.dvcignore`
-keeps DVC from ever hashing one. Published files get the usual umask permissions.
-"""
+"""File I/O shared by every stage: images, masks, JSON, CSV; every write is atomic (`pipeline.atomic`)."""
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from pipeline.atomic import atomic_dir, atomic_path
+from pipeline.errors import InputError
 
-class InputError(ValueError):
-    """Bad input data, with the file that caused it in the message."""
-
-
-_TEMP_NAME = re.compile(r"^\..+\.pid(?P<pid>\d+)\.[^.]+(?:\.old)?\.tmp$")
-_ACTIVE: set[str] = set()    # temporaries this process is writing right now
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}.pid{os.getpid()}."
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # our own pid, but not one of our active temporaries: a reused pid (containers)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temps(folder: str | Path) -> list[Path]:
-    """Delete the temporaries of atomic writes whose process died before renaming them; returns them.
-
-    Only names this module creates are touched, and only when their process is gone, so a
-    concurrent writer's temporary survives.
-    """
-    removed = []
-    try:
-        entries = list(Path(folder).iterdir())
-    except (FileNotFoundError, NotADirectoryError):
-        return removed
-    for entry in entries:
-        match = _TEMP_NAME.match(entry.name)
-        if not match or str(entry) in _ACTIVE or _process_alive(int(match["pid"])):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry)
-    return removed
-
-
-def _prepare(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A folder inside one of our temporary folders is new and clean (and may hold thousands of
-    # files, as in synth); any other may hold a killed run's leftovers.
-    if not any(str(folder) in _ACTIVE for folder in (path.parent, *path.parent.parents)):
-        remove_stale_temps(path.parent)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only on success."""
-    path = Path(path)
-    _prepare(path)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    _ACTIVE.add(tmp)
-    try:
-        yield tmp_path
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes it private (0600)
-        os.replace(tmp_path, path)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-        _ACTIVE.discard(tmp)
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory; it replaces `path` (if any) only on success.
-
-    The previous `path` is moved aside first and put back if the final rename fails, so at
-    every moment `path` holds either the complete old or the complete new contents (a
-    SIGKILL between the two renames leaves no `path` and the old one under a temporary name).
-    """
-    path = Path(path)
-    _prepare(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
-    old = tmp.with_name(tmp.name[: -len(".tmp")] + ".old.tmp")
-    _ACTIVE.update((str(tmp), str(old)))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it private (0700)
-        if path.exists() or path.is_symlink():
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if (old.exists() or old.is_symlink()) and not path.exists():
-                os.replace(old, path)
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if path.exists():  # never delete the only copy of the previous output
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
-        _ACTIVE.difference_update((str(tmp), str(old)))
+__all__ = ["InputError", "atomic_dir", "atomic_path"]
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -171,18 +46,31 @@ def write_tiff(path: str | Path, array: np.ndarray) -> None:
                                                                           compression="tiff_lzw")
 
 
-def _open(path: Path) -> tuple[str, np.ndarray]:
+_TO_RGB = ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr")
+_MASK_KINDS = {"P": "palette (P)", "PA": "palette+alpha (PA)", "LA": "LA (grayscale+alpha)", "RGB": "RGB",
+               "RGBA": "RGBA", "CMYK": "CMYK", "YCbCr": "YCbCr"}
+
+
+def _open(path: Path, to_rgb: bool = True) -> tuple[str, np.ndarray]:
+    """Decode an image file: (PIL mode, array). With `to_rgb`, palette, alpha and other colour modes
+    become RGB (mode "RGB"); without, the array is as stored (a palette image is its index array)."""
     try:
         with Image.open(path) as img:
             img.load()
             mode = img.mode
-            if mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr"):
+            if to_rgb and mode in _TO_RGB:
                 img, mode = img.convert("RGB"), "RGB"
             return mode, np.asarray(img)
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        reason = "empty file (0 bytes)" if path.stat().st_size == 0 else f"unreadable or truncated image ({exc})"
+    except PermissionError:
+        raise InputError(f"{path}: permission denied") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        try:
+            empty = path.stat().st_size == 0
+        except OSError:
+            empty = False
+        reason = "empty file (0 bytes)" if empty else f"unreadable or truncated image ({exc})"
         raise InputError(f"{path}: {reason}") from None
 
 
@@ -213,15 +101,24 @@ def read_image(path: str | Path, channels: str = "gray") -> tuple[np.ndarray, st
 def read_mask(path: str | Path) -> np.ndarray:
     """Read a binary mask file as bool (H,W): 0/255, 0/1 (8-bit) or 0/65535 (16-bit) encodings."""
     path = Path(path)
-    mode, array = _open(path)
+    mode, array = _open(path, to_rgb=False)
+    if mode == "P":  # its index array: a `data.foreground` param could pick the foreground indices here
+        raise InputError(f"{path}: palette (P) mask with values {_few(np.unique(array))}; palette/class-index "
+                         "masks are not supported yet \u2014 expected a single-channel binary mask")
     if array.ndim != 2:
-        raise InputError(f"{path}: mask has {array.shape[2]} channels; expected a single-channel mask")
+        raise InputError(f"{path}: {_MASK_KINDS.get(mode, mode)} mask; expected a single-channel binary mask")
     values = np.unique(array)
     if mode == "1" or set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255} \
             or set(values.tolist()) <= {0, 65535}:
         return array > 0
     raise InputError(f"{path}: mask values {values[:6].tolist()} are not binary "
                      f"(0/255, 0/1 or 16-bit 0/65535)")
+
+
+def _few(values: np.ndarray, most: int = 10) -> str:
+    """`[0, 1, 2]`, or the first `most` values and how many there are."""
+    listed = ", ".join(map(str, values[:most].tolist()))
+    return f"[{listed}]" if len(values) <= most else f"[{listed}, ...] ({len(values)} values)"
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> None:

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pipeline import layouts, rle
 from pipeline.io import InputError, atomic_dir, read_image, read_mask, write_csv, write_json, write_npy
-from pipeline.params import DataParams
+from pipeline.params import Params
 
 T = TypeVar("T")
 MANIFEST_COLUMNS = ["id", "split", "row", "subject", "frame", "has_mask", "mask_area", "height", "width",
@@ -29,15 +29,18 @@ MANIFEST_COLUMNS = ["id", "split", "row", "subject", "frame", "has_mask", "mask_
 
 
 def _read_all(items: list[str], reader: Callable[[str], T], desc: str, problems: list[str]) -> list[T | None]:
-    """Read in a thread pool (decoding releases the GIL); failures become problems, not exceptions."""
-    def read(item: str) -> T | None:
+    """Read in a thread pool (decoding releases the GIL); failures become problems (in item order), not exceptions."""
+    def read(item: str) -> T | InputError | None:
         try:
             return reader(item)
         except InputError as exc:
-            problems.append(str(exc))
-            return None
+            return exc
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(tqdm(pool.map(read, items), total=len(items), desc=desc, unit="img", mininterval=1.0))
+        results = list(tqdm(pool.map(read, items), total=len(items), desc=desc, unit="img", mininterval=1.0))
+    for r in results:
+        if isinstance(r, InputError):
+            problems += getattr(r, "problems", [str(r)])
+    return [None if isinstance(r, InputError) else r for r in results]
 
 
 def _stack(arrays: list[np.ndarray | None], names: list[str], shape: tuple[int, ...], problems: list[str],
@@ -53,7 +56,9 @@ def _stack(arrays: list[np.ndarray | None], names: list[str], shape: tuple[int, 
     return out
 
 
-def run(raw_dir: str | Path, data: DataParams, out_dir: str | Path, metrics_path: str | Path) -> dict[str, float]:
+def run(params: Params, *, raw: str | Path, out: str | Path, metrics: str | Path) -> dict[str, float]:
+    """Write the arrays and manifest to `out` and the summary to `metrics`."""
+    raw_dir, data = Path(raw), params.data
     listing = layouts.scan(raw_dir, data)
     train, test = listing.train, listing.test
     problems: list[str] = []
@@ -66,22 +71,34 @@ def run(raw_dir: str | Path, data: DataParams, out_dir: str | Path, metrics_path
 
     images = _read_all(train.path.tolist(), image, "load train images", problems)
     tests = _read_all(test.path.tolist(), image, "load test images", problems)
-    layouts.fail(problems)
-    shape = pd.Series([a.shape for a in images]).value_counts().index[0]
+    # Every problem at once: the dataset's size is the commonest among the images that did read,
+    # and the masks are read (decoded) even when some images did not.
+    read = [a.shape for a in images if a is not None] or [a.shape for a in tests if a is not None]
+    if not read:
+        layouts.fail(problems or [f"{raw_dir}: no image could be read"])
+    shape = pd.Series(read).value_counts().index[0]
     mask_shape = shape[:2]
     if (train.mask_path != "").all():
         masks = _read_all(train.mask_path.tolist(), read_mask, "load train masks", problems)
         mask_names = train.mask_path.tolist()
     else:
         order, start = ("F" if data.rle_order == "column" else "C"), data.rle_start
-        rles = dict(zip(train.id, train.mask_rle))
+        rows_of = dict(zip(train.id, train.mask_rle))
         csv_path = Path(raw_dir) / data.csv_file
 
-        def decode(image_id: str) -> np.ndarray:
-            try:
-                return rle.decode(rles[image_id], mask_shape, order, start)
-            except rle.RLEError as exc:
-                raise InputError(f"{csv_path}: id {image_id!r}: mask RLE: {exc}") from None
+        def decode(image_id: str) -> np.ndarray | None:
+            """The union of the pixels of every CSV row of this id (rows in any order, even overlapping)."""
+            mask, bad = np.zeros(mask_shape, bool), []
+            for line, text in rows_of[image_id]:
+                try:
+                    mask |= rle.decode(text, mask_shape, order, start)
+                except rle.RLEError as exc:
+                    bad.append(f"{csv_path}: id {image_id!r} (line {line}): mask RLE: {exc}")
+            if bad:
+                error = InputError(bad[0])
+                error.problems = bad  # one entry per bad row in the problem list
+                raise error
+            return mask
 
         masks = _read_all(train.id.tolist(), decode, "decode train masks", problems)
         mask_names = [f"{csv_path} (id {i})" for i in train.id]
@@ -95,7 +112,7 @@ def run(raw_dir: str | Path, data: DataParams, out_dir: str | Path, metrics_path
     test = test.assign(split="test", row=np.arange(len(test)), has_mask=pd.NA, mask_area=pd.NA,
                        subject=pd.NA, frame=pd.NA, mask_path="", **size)
     manifest = pd.concat([train, test], ignore_index=True)[MANIFEST_COLUMNS]
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out) as tmp:
         write_npy(tmp / "train_images.npy", train_images)
         write_npy(tmp / "train_masks.npy", train_masks)
         write_npy(tmp / "test_images.npy", test_images)
@@ -108,7 +125,7 @@ def run(raw_dir: str | Path, data: DataParams, out_dir: str | Path, metrics_path
         "empty_fraction": round(float(1 - train.has_mask.mean()), 4),
         "mean_mask_area": round(float(areas[areas > 0].mean()) if (areas > 0).any() else 0.0, 1),
     }
-    write_json(metrics_path, summary)
+    write_json(metrics, summary)
     return summary
 
 

@@ -7,6 +7,9 @@ normalised and resized, and what a checkpoint holds.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,19 +18,45 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.io import atomic_path
-from pipeline.params import TrainParams, _build
+from pipeline.params import ParamsError, TrainParams, _build
 
 MODEL_KEYS = ("encoder", "encoder_depth", "decoder_channels", "encoder_weights", "presence_head", "height", "width")
+
+
+REFUSED = "not a checkpoint this pipeline wrote, or it contains code (refused for safety)"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used with the current configuration."""
 
 
+def check_encoder(name: str) -> None:
+    """Refuse an encoder smp does not know, naming the closest known ones (before any training work).
+
+    Known: smp's own encoder names, and `tu-<model>` for any timm model."""
+    import segmentation_models_pytorch as smp
+
+    known = list(smp.encoders.get_encoder_names())
+    if name in known:
+        return
+    if name.startswith("tu-"):
+        import timm
+
+        if timm.is_model(name[3:]):
+            return
+        close = [f"tu-{m}" for m in difflib.get_close_matches(name[3:], timm.list_models(), n=3)]
+    else:
+        close = difflib.get_close_matches(name, known, n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ParamsError(f"train.encoder: unknown encoder {name!r}; {hint}(one of the {len(known)} "
+                      f"segmentation_models_pytorch encoders, or tu-<timm model name>)")
+
+
 def build_model(t: TrainParams, in_channels: int = 1) -> torch.nn.Module:
     """smp U-Net; `in_channels` follows the data (1 for gray, 3 for `data.channels: rgb`)."""
     import segmentation_models_pytorch as smp
 
+    check_encoder(t.encoder)
     aux = dict(classes=1, dropout=0.2) if t.presence_head else None
     return smp.Unet(encoder_name=t.encoder, encoder_depth=t.encoder_depth,
                     encoder_weights=None if t.encoder_weights == "none" else t.encoder_weights,
@@ -78,26 +107,60 @@ def to_native(probs: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
     return probs[:, 0]
 
 
+def plain(obj: Any, where: str = "checkpoint") -> Any:
+    """`obj` as what `torch.load(weights_only=True)` accepts: tensors, numbers, strings, bytes, None,
+    bools, and lists/tuples/dicts of them. numpy arrays become tensors, numpy scalars Python numbers;
+    anything else is a TypeError here, when saving, instead of a refused checkpoint later."""
+    if isinstance(obj, np.generic):  # before the Python types: np.float64 is a float subclass
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes, torch.Tensor)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(obj))
+    if isinstance(obj, dict):
+        return {plain(k, where): plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    raise TypeError(f"{where}: a {type(obj).__name__} cannot go into a checkpoint (it must load with "
+                    f"torch.load(weights_only=True))")
+
+
 def save_checkpoint(path: str | Path, model: torch.nn.Module, t: TrainParams, norm: dict[str, float],
                     **extra: Any) -> None:
-    """Atomically save weights with everything needed to rebuild and feed the model."""
-    state = {"model": model.state_dict(), "config": model_config(t, input_channels(model)), "norm": dict(norm),
-             **extra}
+    """Atomically save weights with everything needed to rebuild and feed the model.
+
+    Only plain data is written (see `plain`), so `read_checkpoint` can load it without running code."""
+    state = plain({"model": model.state_dict(), "config": model_config(t, input_channels(model)),
+                   "norm": dict(norm), **extra})
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint's saved dict, unpickled with `weights_only=True`: a file that would import or call
+    anything (code hidden in a pickle) is refused with a CheckpointError, never run."""
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: checkpoint not found") from None
+    except pickle.UnpicklingError as exc:  # the weights-only unpickler met a global it does not allow
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        raise CheckpointError(f"{path}: {REFUSED}" + (f": it needs {found.group(1)}" if found else "")) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint ({first[:300]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: {REFUSED}")
+    return state
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                     expect: TrainParams | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Rebuild the model from a checkpoint; with `expect`, refuse one saved for another model config."""
     path = Path(path)
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: checkpoint not found") from None
-    except Exception as exc:  # torch raises many types for corrupt files
-        raise CheckpointError(f"{path}: unreadable checkpoint ({exc})") from None
-    if not isinstance(state, dict) or not {"model", "config", "norm"} <= set(state):
+    state = read_checkpoint(path, map_location)
+    if not {"model", "config", "norm"} <= set(state):
         raise CheckpointError(f"{path}: not a pipeline checkpoint (missing model/config/norm)")
     config = dict(state["config"])
     in_channels = config.pop("in_channels", 1)

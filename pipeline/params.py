@@ -2,254 +2,419 @@
 
 Every stage loads the whole file through `load_params`, so a typo anywhere fails
 fast, naming the key, before any work is done.
+
+The sections are pydantic (v2) dataclasses: frozen, unknown keys refused, strict
+types (no 1.0 or true for an integer, no 1 for a boolean; an integer is accepted
+for a float), bounds on every number. Being real dataclasses, `dataclasses.replace`
+(which re-validates), `dataclasses.asdict` and `dataclasses.fields` keep working.
+
+The field defaults here are the single source of defaults: params.yaml must equal
+them (tests/test_params.py checks it key for key), so a missing key, section or an
+empty file means the params.yaml value. params.py stays free of torch and smp:
+whether `train.encoder` names a real encoder is checked when the model is built.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional
 
+import annotated_types
 import yaml
+from pydantic import (BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr, TypeAdapter,
+                      ValidationError, field_validator, model_validator)
+from pydantic.dataclasses import dataclass
+from pydantic_core import PydanticCustomError
+
+__all__ = ["ParamsError", "Params", "DataParams", "SynthParams", "DedupParams", "CleanParams", "AugmentParams",
+           "TrainParams", "DiagnosticsParams", "TuneParams", "PredictParams", "ReportParams",
+           "UniqueKeyLoader", "parse_params", "load_params", "to_dict"]
 
 
 class ParamsError(ValueError):
     """A params.yaml problem, with the dotted key that caused it."""
 
 
-def _range(ge: float | None = None, le: float | None = None, gt: float | None = None,
-           lt: float | None = None, **kw: Any) -> Any:
-    """A dataclass field with bounds checked by `_coerce`."""
-    return field(metadata={"ge": ge, "le": le, "gt": gt, "lt": lt}, **kw)
+# Strict scalar types: an int is accepted (and converted) for a float, nothing else is coerced.
+_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
+Int = StrictInt
+Float = Annotated[float, Field(strict=True)]
+Bool = StrictBool
+Str = Annotated[StrictStr, Field(min_length=1)]
+Layout = Literal["ultrasound", "folders", "csv"]
+SEED_MAX = 2**32 - 1   # numpy's SeedSequence-free legacy seeding takes 0..2**32-1
 
 
-@dataclass(frozen=True)
+def _exact_int(value: Any) -> Any:
+    """Literal[0, 1] alone accepts 1.0 and True (they compare equal); refuse anything but an int."""
+    if type(value) is not int:
+        raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": "0 or 1"})
+    return value
+
+
+def _cross(key: str, message: str) -> PydanticCustomError:
+    """A cross-field error attributed to `key` of the section being validated."""
+    return PydanticCustomError("cross_field", "{message}", {"key": key, "message": message})
+
+
+@dataclass(frozen=True, config=_CONFIG)
 class DataParams:
     """Where the dataset is and how it is laid out; see the README's "Dataset layouts"."""
-    raw_dir: str = "data/raw/synthetic"
-    layout: Literal["ultrasound", "folders", "csv"] = "ultrasound"
-    channels: Literal["gray", "rgb"] = "gray"
-    csv_file: str = "train.csv"
-    id_column: str = "id"
-    rle_column: str = "rle_mask"
-    group_column: Optional[str] = None
-    rle_order: Literal["column", "row"] = "column"
-    rle_start: Literal[0, 1] = 1
-    submission_columns: tuple[str, ...] = ("img", "pixels")
+    raw_dir: Str = Field("data/raw/synthetic", description="Dataset folder (Kaggle layout or per `layout`).")
+    layout: Layout = Field("ultrasound", description="ultrasound: S_I.tif + S_I_mask.tif; folders: images/ + "
+                                                     "masks/; csv: images/ + an RLE mask table.")
+    channels: Literal["gray", "rgb"] = Field("gray", description="gray (colour converted) or rgb "
+                                                                 "(grayscale repeated to 3 channels).")
+    csv_file: Str = Field("train.csv", description="The csv layout's mask table; also the group table.")
+    id_column: Str = Field("id", description="Image id column of csv_file.")
+    rle_column: Str = Field("rle_mask", description="RLE mask column of csv_file.")
+    group_column: Optional[Str] = Field(None, description="Column of validation groups; null: one group per image.")
+    rle_order: Literal["column", "row"] = Field("column", description="RLE pixel order of labels and submission.")
+    rle_start: Annotated[Literal[0, 1], BeforeValidator(_exact_int)] = Field(
+        1, description="Index of the first pixel in RLE (1: Kaggle ultrasound, or 0).")
+    submission_columns: tuple[Str, ...] = Field(("img", "pixels"), description="Submission header: id column, "
+                                                                               "RLE column (two distinct names).")
+
+    @field_validator("submission_columns")
+    @classmethod
+    def _two_distinct(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(v) != 2 or v[0] == v[1]:
+            raise PydanticCustomError("two_names", "needs exactly two different names (id column, RLE column)")
+        return v
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class SynthParams:
-    subjects: int = _range(ge=2, default=12)
-    frames_per_subject: int = _range(ge=2, default=40)
-    test_images: int = _range(ge=1, default=80)
-    height: int = _range(ge=32, default=420)
-    width: int = _range(ge=32, default=580)
-    empty_fraction: float = _range(ge=0.0, le=1.0, default=0.58)
-    label_noise: float = _range(ge=0.0, le=1.0, default=0.12)
-    layout: Literal["ultrasound", "folders", "csv"] = "ultrasound"
+    """The embedded synthetic dataset generator."""
+    subjects: Int = Field(12, ge=2, description="Subjects (validation groups) to generate.")
+    frames_per_subject: Int = Field(40, ge=2, description="Training frames per subject.")
+    test_images: Int = Field(80, ge=1, description="Unlabelled test images.")
+    height: Int = Field(420, ge=32, description="Image height, pixels.")
+    width: Int = Field(580, ge=32, description="Image width, pixels.")
+    empty_fraction: Float = Field(0.58, ge=0.0, le=1.0, description="Fraction of train frames with an empty mask.")
+    label_noise: Float = Field(0.12, ge=0.0, le=1.0, description="Fraction of visible-nerve masks erased.")
+    layout: Layout = Field("ultrasound", description="Layout the generator writes; set data.layout to match.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class DedupParams:
-    block_size: int = _range(ge=1, default=20)
-    bins: int = _range(ge=2, le=256, default=9)
-    threshold: float = _range(ge=0.0, le=2.0, default=0.008)
-    scope: Literal["subject", "global"] = "subject"
-    chunk_size: int = _range(ge=1, default=2048)
-    gallery_pairs: int = _range(ge=0, default=12)
-    min_pair_dice: float = _range(ge=0.0, le=1.0, default=0.2)
+    """Near-duplicate frames: block histograms compared by cosine distance."""
+    block_size: Int = Field(20, ge=1, description="Pixels per block side; must divide the image size.")
+    bins: Int = Field(9, ge=2, le=256, description="Histogram bins per block over 0..255.")
+    threshold: Float = Field(0.008, ge=0.0, le=2.0, description="Cosine distance below which frames are duplicates.")
+    scope: Literal["subject", "global"] = Field("subject", description="Compare within a subject or all pairs.")
+    chunk_size: Int = Field(2048, ge=1, description="Images per similarity tile (memory ~ chunk_size^2).")
+    gallery_pairs: Int = Field(12, ge=0, description="Contradictory pairs drawn in the gallery (0: none).")
+    min_pair_dice: Float = Field(0.2, ge=0.0, le=1.0, description="Two masks overlapping less than this contradict.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class CleanParams:
-    policy: Literal["none", "drop_empty", "drop_both"] = "drop_empty"
+    """What to drop from the training set given dedup's contradictory pairs."""
+    policy: Literal["none", "drop_empty", "drop_both"] = Field(
+        "drop_empty", description="none; drop_empty: the empty frame of each empty-vs-masked pair; drop_both.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class AugmentParams:
-    hflip_p: float = _range(ge=0.0, le=1.0, default=0.5)
-    vflip_p: float = _range(ge=0.0, le=1.0, default=0.0)
-    affine_p: float = _range(ge=0.0, le=1.0, default=0.5)
-    shift: float = _range(ge=0.0, le=0.5, default=0.0625)
-    scale: float = _range(ge=0.0, le=0.5, default=0.1)
-    rotate: float = _range(ge=0.0, le=180.0, default=10.0)
-    brightness_contrast_p: float = _range(ge=0.0, le=1.0, default=0.5)
-    brightness: float = _range(ge=0.0, le=1.0, default=0.1)
-    contrast: float = _range(ge=0.0, le=1.0, default=0.2)
-    gamma_p: float = _range(ge=0.0, le=1.0, default=0.3)
-    gamma_low: float = _range(gt=0.0, default=80.0)
-    gamma_high: float = _range(gt=0.0, default=120.0)
-    elastic_p: float = _range(ge=0.0, le=1.0, default=0.0)
-    elastic_alpha: float = _range(ge=0.0, default=20.0)
-    elastic_sigma: float = _range(gt=0.0, default=5.0)
-    preview_samples: int = _range(ge=1, default=8)
+    """Training-time augmentation (albumentations) at the working size."""
+    hflip_p: Float = Field(0.5, ge=0.0, le=1.0, description="Horizontal flip probability.")
+    vflip_p: Float = Field(0.0, ge=0.0, le=1.0, description="Vertical flip probability.")
+    affine_p: Float = Field(0.5, ge=0.0, le=1.0, description="Probability of the shift/scale/rotate affine.")
+    shift: Float = Field(0.0625, ge=0.0, le=0.5, description="Max shift, fraction of width and height.")
+    scale: Float = Field(0.1, ge=0.0, le=0.5, description="Zoom in 1 +- scale.")
+    rotate: Float = Field(10.0, ge=0.0, le=180.0, description="Max rotation, degrees.")
+    brightness_contrast_p: Float = Field(0.5, ge=0.0, le=1.0, description="Brightness/contrast probability.")
+    brightness: Float = Field(0.1, ge=0.0, le=1.0, description="Max brightness shift, fraction of the range.")
+    contrast: Float = Field(0.2, ge=0.0, le=1.0, description="Max contrast change, fraction.")
+    gamma_p: Float = Field(0.3, ge=0.0, le=1.0, description="Gamma probability.")
+    gamma_low: Float = Field(80.0, gt=0.0, description="Gamma range low end, percent (100 = unchanged).")
+    gamma_high: Float = Field(120.0, gt=0.0, description="Gamma range high end, percent.")
+    elastic_p: Float = Field(0.0, ge=0.0, le=1.0, description="Elastic deformation probability.")
+    elastic_alpha: Float = Field(20.0, ge=0.0, description="Elastic displacement strength, working-size pixels.")
+    elastic_sigma: Float = Field(5.0, gt=0.0, description="Elastic smoothness, working-size pixels.")
+    preview_samples: Int = Field(8, ge=1, description="Rows of the augmentation preview.")
+
+    @model_validator(mode="after")
+    def _gamma_order(self) -> AugmentParams:
+        if self.gamma_low > self.gamma_high:
+            raise _cross("gamma_low", f"{self.gamma_low!r} must not exceed augment.gamma_high ({self.gamma_high!r})")
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class TrainParams:
-    encoder: str = "resnet18"
-    encoder_depth: int = _range(ge=3, le=5, default=5)
-    decoder_channels: tuple[int, ...] = (128, 64, 32, 16, 8)
-    encoder_weights: Literal["none", "imagenet"] = "none"
-    presence_head: bool = True
-    height: int = _range(ge=32, default=96)
-    width: int = _range(ge=32, default=128)
-    epochs: int = _range(ge=1, default=12)
-    batch_size: int = _range(ge=1, default=16)
-    lr: float = _range(gt=0.0, default=1e-3)
-    weight_decay: float = _range(ge=0.0, default=1e-4)
-    folds: int = _range(ge=2, default=4)
-    train_folds: int = _range(ge=1, default=1)
-    bce_weight: float = _range(ge=0.0, default=1.0)
-    dice_weight: float = _range(ge=0.0, default=1.0)
-    presence_weight: float = _range(ge=0.0, default=0.5)
-    workers: int = _range(ge=0, default=0)
-    threads: int = _range(ge=0, default=0)
-    amp: bool = True
+    """U-Net (segmentation_models_pytorch) with a presence head, trained on subject-grouped folds."""
+    encoder: Str = Field("resnet18", description="smp encoder name (checked when the model is built).")
+    encoder_depth: Int = Field(5, ge=3, le=5, description="Downsampling stages.")
+    decoder_channels: tuple[Annotated[Int, Field(ge=1)], ...] = Field(
+        (128, 64, 32, 16, 8), min_length=1, description="Decoder channels, one per encoder_depth level.")
+    encoder_weights: Literal["none", "imagenet"] = Field("none", description="Pretrained encoder weights.")
+    presence_head: Bool = Field(True, description="Classification head: is there a nerve at all?")
+    height: Int = Field(96, ge=32, description="Working height: images are resized to it.")
+    width: Int = Field(128, ge=32, description="Working width.")
+    epochs: Int = Field(8, ge=1, description="Epochs per fold.")
+    batch_size: Int = Field(16, ge=1, description="Images per training step.")
+    lr: Float = Field(1e-3, gt=0.0, description="Peak learning rate of the one-cycle schedule (AdamW).")
+    weight_decay: Float = Field(1e-4, ge=0.0, description="AdamW weight decay.")
+    folds: Int = Field(4, ge=2, description="Subject-grouped folds.")
+    train_folds: Int = Field(4, ge=1, description="Folds actually trained (0..train_folds-1); <= folds.")
+    bce_weight: Float = Field(1.0, ge=0.0, description="Weight of the pixel BCE loss.")
+    dice_weight: Float = Field(1.0, ge=0.0, description="Weight of the soft Dice loss.")
+    presence_weight: Float = Field(0.5, ge=0.0, description="Weight of the presence BCE loss.")
+    workers: Int = Field(0, ge=0, description="DataLoader worker processes (0: in the training process).")
+    threads: Int = Field(0, ge=0, description="CPU threads (0: all cores, split between ranks).")
+    amp: Bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainParams:
+        if self.train_folds > self.folds:
+            raise _cross("train_folds", f"{self.train_folds} is more than train.folds ({self.folds})")
+        if len(self.decoder_channels) != self.encoder_depth:
+            raise _cross("decoder_channels", f"needs {self.encoder_depth} entries (one per train.encoder_depth "
+                                             f"level), got {len(self.decoder_channels)}")
+        return self
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class DiagnosticsParams:
     """Training health and what the model learned (README "Diagnostics").
 
     Its own section, not train's: none of it changes the weights, so it is not in the resume hash.
     """
-    enabled: bool = True
-    subset: int = _range(ge=1, default=32)
-    patience: int = _range(ge=1, default=4)
-    grad_vanish: float = _range(ge=0.0, default=1e-6)
-    grad_explode: float = _range(gt=0.0, default=1e3)
+    enabled: Bool = Field(True, description="Write the end-of-training figures.")
+    subset: Int = Field(32, ge=1, description="Fixed validation images for the step-0 check and the figures.")
+    patience: Int = Field(4, ge=1, description="Epochs without improvement before a warning.")
+    grad_vanish: Float = Field(1e-6, ge=0.0, description="Warn when a layer's mean gradient norm is below this.")
+    grad_explode: Float = Field(1e3, gt=0.0, description="Warn when a step's gradient norm is above this.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class TuneParams:
     """The joint search grid; each list must be non-empty (an empty axis would search nothing).
 
     Presence 0 and min area 0 switch those gates off, so the search can choose not to gate.
     """
-    pixel_thresholds: tuple[float, ...] = _range(ge=0.0, le=1.0, default=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7))
-    presence_thresholds: tuple[float, ...] = _range(ge=0.0, le=1.0,
-                                                    default=(0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9))
-    min_areas: tuple[int, ...] = _range(ge=0, default=(0, 250, 500, 1000, 1500, 2000, 3000))
+    pixel_thresholds: tuple[Annotated[Float, Field(ge=0.0, le=1.0)], ...] = Field(
+        (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), min_length=1, description="Pixel is foreground when prob > this.")
+    presence_thresholds: tuple[Annotated[Float, Field(ge=0.0, le=1.0)], ...] = Field(
+        (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), min_length=1, description="Keep a mask when presence >= this.")
+    min_areas: tuple[Annotated[Int, Field(ge=0)], ...] = Field(
+        (0, 250, 500, 1000, 1500, 2000, 3000), min_length=1, description="Keep a mask when its area >= this "
+                                                                         "(native pixels).")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class PredictParams:
-    tta_flip: bool = True
-    batch_size: int = _range(ge=1, default=32)
+    """Test-set prediction."""
+    tta_flip: Bool = Field(True, description="Also predict the horizontal mirror and average.")
+    batch_size: Int = Field(32, ge=1, description="Test images per forward pass.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class ReportParams:
-    gallery_images: int = _range(ge=1, default=6)
+    """The HTML report."""
+    gallery_images: Int = Field(6, ge=1, description="Out-of-fold examples per gallery row.")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, config=_CONFIG)
 class Params:
-    seed: int = 42
-    data: DataParams = DataParams()
-    synth: SynthParams = SynthParams()
-    dedup: DedupParams = DedupParams()
-    clean: CleanParams = CleanParams()
-    augment: AugmentParams = AugmentParams()
-    train: TrainParams = TrainParams()
-    diagnostics: DiagnosticsParams = DiagnosticsParams()
-    tune: TuneParams = TuneParams()
-    predict: PredictParams = PredictParams()
-    report: ReportParams = ReportParams()
+    """The whole params.yaml."""
+    seed: Annotated[Int, Field(ge=0, le=SEED_MAX)] = Field(42, description="Seed of every random choice.")
+    data: DataParams = Field(DataParams(), description="Dataset location and layout.")
+    synth: SynthParams = Field(SynthParams(), description="Synthetic dataset generator.")
+    dedup: DedupParams = Field(DedupParams(), description="Near-duplicate detection.")
+    clean: CleanParams = Field(CleanParams(), description="Training-set cleaning policy.")
+    augment: AugmentParams = Field(AugmentParams(), description="Training-time augmentation.")
+    train: TrainParams = Field(TrainParams(), description="Model and training.")
+    diagnostics: DiagnosticsParams = Field(DiagnosticsParams(), description="Training diagnostics.")
+    tune: TuneParams = Field(TuneParams(), description="Post-processing threshold search grid.")
+    predict: PredictParams = Field(PredictParams(), description="Test-set prediction.")
+    report: ReportParams = Field(ReportParams(), description="HTML report.")
 
 
-def _coerce(key: str, value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
-    origin = typing.get_origin(hint)
-    if origin is Union and type(None) in typing.get_args(hint):
-        inner = next(a for a in typing.get_args(hint) if a is not type(None))
-        return None if value is None else _coerce(key, value, inner, meta)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ParamsError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
-        return value
-    if origin is tuple:
-        item = typing.get_args(hint)[0]
-        if not isinstance(value, (list, tuple)) or not value:
-            raise ParamsError(f"{key}: expected a non-empty list, got {value!r}")
-        return tuple(_coerce(f"{key}[{i}]", v, item, meta) for i, v in enumerate(value))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ParamsError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"{key}: expected an integer, got {value!r}")
-    elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"{key}: expected a number, got {value!r}")
-        value = float(value)
-    elif hint is str:
-        if not isinstance(value, str) or not value:
-            raise ParamsError(f"{key}: expected a non-empty string, got {value!r}")
-        return value
-    for bound, ok, word in (("ge", lambda v, b: v >= b, ">="), ("le", lambda v, b: v <= b, "<="),
-                            ("gt", lambda v, b: v > b, ">"), ("lt", lambda v, b: v < b, "<")):
-        b = meta.get(bound)
-        if b is not None and not ok(value, b):
-            raise ParamsError(f"{key}: {value!r} is out of range (must be {word} {b})")
-    return value
+# ---------------------------------------------------------------- errors
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _section_at(cls: type, loc: tuple[Any, ...]) -> tuple[type | None, Any]:
+    """The section class holding the last key of `loc`, and that key's annotation (None if unknown)."""
+    hint: Any = cls
+    owner: type | None = None
+    for part in loc:
+        if isinstance(part, int):      # an item of a tuple field
+            args = typing.get_args(hint)
+            hint = args[0] if args else None
+            owner = None
+            continue
+        if not _is_section(hint):
+            return None, None
+        owner = hint
+        hint = typing.get_type_hints(hint, include_extras=True).get(part)
+    return owner, hint
+
+
+def _bounds(hint: Any, cls: type, loc: tuple[Any, ...]) -> str:
+    """The numeric bounds of the field at `loc`, as 'from 0 to 4294967295' / '>= 1', or ''."""
+    found: dict[str, Any] = {}
+    metadata: list[Any] = list(getattr(hint, "__metadata__", ()))
+    owner, _ = _section_at(cls, loc)
+    if owner is not None and isinstance(loc[-1], str):
+        field = owner.__pydantic_fields__.get(loc[-1])  # type: ignore[attr-defined]
+        metadata += list(field.metadata) if field is not None else []
+    for m in metadata:
+        for name in ("ge", "le", "gt", "lt"):
+            if isinstance(m, getattr(annotated_types, name.capitalize())):
+                found[name] = getattr(m, name)
+        for inner in getattr(m, "metadata", ()):     # FieldInfo inside Annotated
+            for name in ("ge", "le", "gt", "lt"):
+                if isinstance(inner, getattr(annotated_types, name.capitalize())):
+                    found[name] = getattr(inner, name)
+    if "ge" in found and "le" in found:
+        return f" from {found['ge']} to {found['le']}"
+    words = {"ge": ">=", "le": "<=", "gt": ">", "lt": "<"}
+    return "".join(f" {words[k]} {v}" for k, v in found.items())
+
+
+def _dotted(prefix: str, loc: tuple[Any, ...]) -> str:
+    key = prefix
+    for part in loc:
+        key = f"{key}[{part}]" if isinstance(part, int) else f"{key}.{part}".lstrip(".")
+    return key or "params"
+
+
+def _message(cls: type, prefix: str, err: Any) -> str:
+    """One pydantic error -> 'dotted.key: what is wrong (what was expected)'."""
+    loc, kind, value, ctx = tuple(err["loc"]), err["type"], err["input"], err.get("ctx") or {}
+    _, hint = _section_at(cls, loc)
+    key = _dotted(prefix, loc)
+    if kind == "invalid_key":
+        return f"{_dotted(prefix, loc[:-1])}: key {value!r} is not a name"
+    if kind == "cross_field":
+        return f"{_dotted(prefix, (*loc, ctx['key']))}: {ctx['message']}"
+    if kind == "two_names":
+        return f"{key}: {value!r} {err['msg']}"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return f"{key}: expected an integer{_bounds(hint, cls, loc)}, got {value!r}"
+    if kind in ("float_type", "float_parsing"):
+        return f"{key}: expected a number{_bounds(hint, cls, loc)}, got {value!r}"
+    if kind == "finite_number":
+        return f"{key}: expected a finite number{_bounds(hint, cls, loc)}, got {value!r}"
+    if kind in ("bool_type", "bool_parsing"):
+        return f"{key}: expected true or false, got {value!r}"
+    if kind in ("string_type", "string_too_short"):
+        return f"{key}: expected a non-empty string, got {value!r}"
+    if kind == "literal_error":
+        return f"{key}: {value!r} is not one of {ctx.get('expected')}"
+    if kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        word = {"greater_than_equal": ">=", "less_than_equal": "<=", "greater_than": ">", "less_than": "<"}[kind]
+        return f"{key}: {value!r} is out of range (must be {word} {next(iter(ctx.values()))})"
+    if kind in ("too_short", "tuple_type", "list_type", "iterable_type"):
+        return f"{key}: expected a non-empty list, got {value!r}"
+    if kind in ("dataclass_type", "dataclass_exact_type", "dict_type", "model_type"):
+        return f"{key}: expected a mapping, got {value!r}"
+    return f"{key}: {err['msg'][:1].lower()}{err['msg'][1:]}, got {value!r}"
+
+
+def _params_error(cls: type, prefix: str, exc: ValidationError) -> ParamsError:
+    """All of pydantic's errors, one line each, every line naming its dotted key; unknown keys grouped
+    per section with that section's known keys."""
+    lines: dict[tuple[Any, ...], str] = {}
+    unknown: dict[tuple[Any, ...], list[str]] = {}
+    for err in exc.errors():
+        if err["type"] == "unexpected_keyword_argument":
+            unknown.setdefault(tuple(err["loc"][:-1]), []).append(str(err["loc"][-1]))
+            continue
+        field = tuple(part for part in err["loc"] if isinstance(part, str))
+        lines.setdefault(field, _message(cls, prefix, err))   # the first problem of each key only
+    for where, keys in unknown.items():
+        section, _ = _section_at(cls, (*where, "_"))
+        known = ", ".join(f.name for f in dataclasses.fields(section)) if section else "?"
+        name = _dotted(prefix, where) if (prefix or where) else ""
+        lines[("?", *where)] = (f"unknown key{'s' if len(keys) > 1 else ''}{f' in {name!r}' if name else ''}: "
+                                f"{', '.join(_dotted(prefix, (*where, k)) for k in keys)} (known: {known})")
+    return ParamsError("\n".join(lines.values()))
+
+
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
+    """Validate `raw` (a mapping, or None for all defaults) as section `cls` whose dotted name is `prefix`."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ParamsError(f"{prefix or 'params'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        where = f" in '{prefix}'" if prefix else ""
-        raise ParamsError(f"unknown key{'s' if len(unknown) > 1 else ''}{where}: "
-                          f"{', '.join(f'{prefix}.{k}'.lstrip('.') for k in unknown)} "
-                          f"(known: {', '.join(fields)})")
-    values = {name: _coerce(f"{prefix}.{name}".lstrip("."), raw[name], hints[name], fields[name].metadata)
-              for name in fields if name in raw}
-    return cls(**values)
-
-
-def _check_cross_fields(p: Params) -> None:
-    if len(p.data.submission_columns) != 2:
-        raise ParamsError("data.submission_columns: needs exactly two names (id column, RLE column)")
-    if p.train.train_folds > p.train.folds:
-        raise ParamsError(f"train.train_folds: {p.train.train_folds} is more than train.folds ({p.train.folds})")
-    if len(p.train.decoder_channels) != p.train.encoder_depth:
-        raise ParamsError(f"train.decoder_channels: needs {p.train.encoder_depth} entries "
-                          f"(one per train.encoder_depth level), got {len(p.train.decoder_channels)}")
-    if p.augment.gamma_low > p.augment.gamma_high:
-        raise ParamsError("augment.gamma_low: must not exceed augment.gamma_high")
+    if cls is Params:   # an empty section (`train:` with nothing under it) means its defaults
+        raw = {k: {} if v is None and k != "seed" else v for k, v in raw.items()}
+    try:
+        return _adapter(cls).validate_python(raw)
+    except ValidationError as exc:
+        raise _params_error(cls, prefix, exc) from None
 
 
 def parse_params(raw: Any) -> Params:
-    """Validate a parsed params mapping; raises ParamsError naming the bad key."""
-    params = _build(Params, raw, "")
-    _check_cross_fields(params)
-    return params
+    """Validate a parsed params mapping (None: all defaults); raises ParamsError naming the bad key."""
+    return _build(Params, raw, "")
+
+
+# ---------------------------------------------------------------- YAML
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        self._check_unique(node, "", set())
+        return super().construct_document(node)
+
+    def _check_unique(self, node: yaml.Node, path: str, seen: set[int]) -> None:
+        if id(node) in seen:   # an alias (or a recursive anchor) was checked where it was defined
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = (key_node.tag, key_node.value) if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+                name = f"{path}.{key_node.value}".lstrip(".") if isinstance(key_node, yaml.ScalarNode) else path
+                line = key_node.start_mark.line + 1
+                if key in first:
+                    raise ParamsError(f"line {line}: duplicate key {name!r} (first given on line {first[key]})")
+                first[key] = line
+                self._check_unique(value_node, name, seen)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_unique(item, f"{path}[{i}]", seen)
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read, parse and validate a params file; every problem is one ParamsError starting with the path."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found") from None
+    except IsADirectoryError:
+        raise ParamsError(f"{path}: is a directory, not a params file") from None
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})") \
+            from None
+    except OSError as exc:
+        raise ParamsError(f"{path}: cannot read the params file ({exc.strerror or exc})") from None
+    try:
+        raw = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return parse_params(raw)
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML ({exc})") from None
-    try:
-        return parse_params(raw)
     except ParamsError as exc:
-        raise ParamsError(f"{path}: {exc}") from None
+        raise ParamsError("\n".join(f"{path}: {line}" for line in str(exc).splitlines())) from None
 
 
 def to_dict(params: Any) -> dict[str, Any]:
@@ -261,4 +426,3 @@ def to_dict(params: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
     return plain(dataclasses.asdict(params))
-

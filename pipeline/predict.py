@@ -20,7 +20,7 @@ from pipeline.io import InputError, atomic_path, write_json
 from pipeline.load import open_arrays, read_manifest
 from pipeline.metrics import dice_per_image
 from pipeline.model import CheckpointError, input_channels, load_checkpoint, preprocess, split_outputs, to_native
-from pipeline.params import DataParams, PredictParams
+from pipeline.params import Params
 from pipeline.postprocess import Thresholds, apply, check_probabilities, read_thresholds
 
 TRUTH = Path("truth") / "test_masks.csv"
@@ -67,19 +67,22 @@ def _truth(raw_dir: str | Path, ids: list[str], shape: tuple[int, int]) -> dict[
     return dict(rle.read_rows(path)[1:])
 
 
-def run(interim_dir: str | Path, models_dir: str | Path, thresholds_path: str | Path, raw_dir: str | Path,
-        out: str | Path, metrics_path: str | Path, p: PredictParams, data: DataParams = DataParams()
-        ) -> dict[str, float]:
-    thresholds: Thresholds = read_thresholds(thresholds_path)
+def run(params: Params, *, interim: str | Path, models: str | Path, thresholds: str | Path, raw: str | Path,
+        out: str | Path, metrics: str | Path) -> dict[str, float]:
+    """Write the validated submission to `out` and the summary to `metrics`."""
+    p, data, interim_dir, models_dir, thresholds_path = params.predict, params.data, interim, models, thresholds
+    gates: Thresholds = read_thresholds(thresholds_path)
     manifest = read_manifest(interim_dir)
     test = manifest[manifest.split == "test"].sort_values("row")
     images, _ = open_arrays(interim_dir, "test")
     if len(test) != len(images):
         raise InputError(f"{interim_dir}: manifest lists {len(test)} test images, test_images.npy holds {len(images)}")
     ids = test.id.tolist()
+    numeric = rle.numeric_ids(data)
+    rle.check_ids(ids, numeric, f"{Path(interim_dir) / 'manifest.csv'} (test images)")  # before any model runs
     shape = tuple(images.shape[1:3])
     order, start = ("F" if data.rle_order == "column" else "C"), data.rle_start
-    truth = _truth(raw_dir, ids, shape)
+    truth = _truth(raw, ids, shape)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ensemble = Ensemble(models_dir, device)
     channels = 1 if images.ndim == 3 else images.shape[3]
@@ -97,25 +100,28 @@ def run(interim_dir: str | Path, models_dir: str | Path, thresholds_path: str | 
         native, presence = to_native(mask_prob, shape).cpu().numpy(), presence.cpu().numpy()
         for name, values in (("mask", native), ("presence", presence)):  # NaN would silently mean "empty"
             check_probabilities(values, f"{models_dir}: {name} probabilities of the test images", batch_ids)
-        masks = apply(native, presence, thresholds)
+        masks = apply(native, presence, gates)
         encoded.update((i, rle.encode(m, order, start)) for i, m in zip(batch_ids, masks))
         if truth is not None:
             true = np.stack([rle.decode(truth[i], shape) for i in batch_ids])
             dice.append(dice_per_image(masks, true))
             truth_empty.append(~true.any(axis=(1, 2)))
 
-    numeric = all(i.isdigit() for i in ids)
-    rows = sorted(encoded.items(), key=lambda kv: int(kv[0]) if numeric else kv[0])
+    rows = sorted(encoded.items(), key=lambda kv: rle.id_sort_key(kv[0]))
     with atomic_path(out) as tmp:
-        tmp.write_text(",".join(data.submission_columns) + "\n" + "".join(f"{i},{r}\n" for i, r in rows))
-        rle.validate_submission(tmp, ids, shape, columns=data.submission_columns, start=start, numeric_ids=numeric)
+        rle.write_submission(tmp, rows, data.submission_columns)
+        try:
+            rle.validate_submission(tmp, ids, shape, columns=data.submission_columns, start=start,
+                                    numeric_ids=numeric)
+        except rle.SubmissionError as exc:  # name the output, not the temporary it was checked in
+            raise rle.SubmissionError(str(exc).replace(str(tmp), f"{out} (not written)", 1)) from None
     empty = sum(r == "" for _, r in rows)
-    metrics: dict[str, float] = {"test_images": len(rows), "predicted_empty": empty,
+    summary: dict[str, float] = {"test_images": len(rows), "predicted_empty": empty,
                                  "predicted_empty_fraction": round(empty / len(rows), 5),
                                  "models": len(ensemble.paths), "tta_views": 2 if p.tta_flip else 1}
     if truth is not None:  # only possible on synthetic data: real test labels are hidden
-        metrics |= {"synthetic_test_dice": round(float(np.concatenate(dice).mean()), 5),
+        summary |= {"synthetic_test_dice": round(float(np.concatenate(dice).mean()), 5),
                     "synthetic_test_all_empty_dice": round(float(np.concatenate(truth_empty).mean()), 5),
                     "synthetic_test_images": len(rows)}
-    write_json(metrics_path, metrics)
-    return metrics
+    write_json(metrics, summary)
+    return summary

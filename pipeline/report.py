@@ -338,6 +338,13 @@ def _pick(order: np.ndarray, n: int, spread: bool) -> np.ndarray:
     return order[np.linspace(0, len(order) - 1, n).round().astype(int)]
 
 
+def _outline(ax: Any, mask: np.ndarray, color: str, width: float) -> None:
+    """A mask's outline; skipped on images under 2x2 pixels, where matplotlib cannot contour
+    (the prediction's fill still shows there)."""
+    if mask.ndim == 2 and min(mask.shape) >= 2:
+        ax.contour(mask, levels=[0.5], colors=color, linewidths=width)
+
+
 def gallery(r: OofResult, mask_prob: np.ndarray, images: np.ndarray, truth: np.ndarray, thresholds: Any,
             n: int) -> Section:
     import matplotlib.pyplot as plt
@@ -382,9 +389,9 @@ def gallery(r: OofResult, mask_prob: np.ndarray, images: np.ndarray, truth: np.n
             true = np.asarray(truth[r.rows[k]], bool)
             if p.any():
                 ax.imshow(np.ma.masked_where(~p, p), cmap=ListedColormap(["red"]), alpha=0.3)
-                ax.contour(p, levels=[0.5], colors="red", linewidths=1.2)
+                _outline(ax, p, "red", 1.2)
             if true.any():
-                ax.contour(true, levels=[0.5], colors="lime", linewidths=1.4)
+                _outline(ax, true, "lime", 1.4)
             ax.set_title(f"{r.ids[k]}  Dice {r.dice[k]:.2f}  p(nerve) {r.presence_prob[k]:.2f}", fontsize=9)
         fig.tight_layout()
         s.image(_figure_png(fig), title)

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import csv
 import re
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.params import DataParams
 
 KAGGLE_SHAPE = (420, 580)
 MAX_LISTED = 20
@@ -86,16 +89,86 @@ def decode(rle: str | float | None, shape: tuple[int, int] = KAGGLE_SHAPE, order
     return (np.cumsum(delta[:-1]) > 0).reshape(shape, order=order)
 
 
-def read_rows(path: str | Path) -> list[list[str]]:
-    """A CSV's rows (header included, blank lines skipped) with the csv module; SubmissionError if unreadable."""
+def read_numbered_rows(path: str | Path) -> list[tuple[int, list[str]]]:
+    """A CSV's rows (header included, blank lines skipped), each with the file line it starts on.
+
+    Read with the csv module (quoted fields may hold commas, quotes and line breaks);
+    SubmissionError if the file is missing, a folder or unreadable.
+    """
     path = Path(path)
+    rows: list[tuple[int, list[str]]] = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            return [row for row in csv.reader(fh) if row]
+            reader = csv.reader(fh)
+            line = 1
+            for row in reader:
+                if row:
+                    rows.append((line, row))
+                line = reader.line_num + 1  # the next row starts after every line this one used
     except FileNotFoundError:
         raise SubmissionError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise SubmissionError(f"{path}: is a folder, not a CSV file") from None
     except (UnicodeDecodeError, csv.Error) as exc:
         raise SubmissionError(f"{path}: not a readable CSV ({exc})") from None
+    except OSError as exc:
+        raise SubmissionError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return rows
+
+
+def read_rows(path: str | Path) -> list[list[str]]:
+    """A CSV's rows (header included, blank lines skipped) with the csv module; SubmissionError if unreadable."""
+    return [row for _, row in read_numbered_rows(path)]
+
+
+def numeric_ids(data: DataParams) -> bool:
+    """The one rule for whether submission ids must be plain numbers (0-9): the Kaggle ultrasound layout's
+    test images are `N.tif`; the other layouts take any file stem. Predict and validate both use it."""
+    return data.layout == "ultrasound"
+
+
+def id_problem(img: str, numeric: bool) -> str | None:
+    """Why `img` cannot be a submission id (None when it can): empty, not ASCII digits when `numeric`,
+    a line break or NUL (no reader splits those the same way), or not encodable as UTF-8."""
+    if numeric and not _ID.fullmatch(img):
+        return "is not a numeric id"
+    if not img:
+        return "is empty"
+    if any(c in img for c in "\r\n\x00"):
+        return "contains a line break or NUL character"
+    try:
+        img.encode("utf-8")
+    except UnicodeEncodeError:
+        return "is not valid UTF-8 text (an undecodable file name?)"
+    return None
+
+
+def check_ids(ids: Sequence[str], numeric: bool, source: str) -> None:
+    """SubmissionError naming up to 5 ids of `source` that cannot be written to a submission, or duplicates."""
+    bad = [(i, why) for i in ids if (why := id_problem(i, numeric)) is not None]
+    dup = [i for i, k in Counter(ids).items() if k > 1]
+    problems = [f"id {i!r} {why}" for i, why in bad[:5]]
+    if len(bad) > 5:
+        problems.append(f"... and {len(bad) - 5} more such id(s)")
+    if dup:
+        problems.append(f"{len(dup)} id(s) listed more than once: {', '.join(map(repr, dup[:5]))}")
+    if problems:
+        rule = " (data.layout ultrasound: ids must be plain numbers)" if numeric and bad else ""
+        raise SubmissionError(f"{source}: {len(bad) + len(dup)} image id(s) cannot be written to a submission"
+                              f"{rule}:\n  - " + "\n  - ".join(problems))
+
+
+def id_sort_key(img: str) -> tuple[int, int, str]:
+    """Submission row order: numeric ids by value, then any others by text (as the layouts list them)."""
+    return (0, int(img), img) if _ID.fullmatch(img) else (1, 0, img)
+
+
+def write_submission(path: str | Path, rows: Iterable[tuple[str, str]], columns: Sequence[str]) -> None:
+    """Write a submission CSV with the csv module: a field holding a comma or quote is quoted properly."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows(rows)
 
 
 def validate_submission(path: str | Path, expected_ids: Iterable[str] | None = None,
@@ -109,20 +182,24 @@ def validate_submission(path: str | Path, expected_ids: Iterable[str] | None = N
     column, shifting every value.
     """
     path = Path(path)
-    rows = read_rows(path)
-    if not rows or rows[0] != list(columns):
-        got = ",".join(rows[0]) if rows else ""
+    columns = list(columns)
+    if len(columns) != 2 or columns[0] == columns[1]:
+        raise SubmissionError(f"{path}: the header must be two different column names (id, run-length mask), "
+                              f"not {','.join(columns)!r} (data.submission_columns)")
+    rows = read_numbered_rows(path)
+    if not rows or rows[0][1] != columns:
+        got = ",".join(rows[0][1]) if rows else ""
         raise SubmissionError(f"{path}: header must be {','.join(columns)!r}, got {got!r}")
     problems: list[str] = []
     seen: set[str] = set()
     n = shape[0] * shape[1]
-    for line, row in enumerate(rows[1:], start=2):
+    for line, row in rows[1:]:
         if len(row) != 2:
             problems.append(f"line {line}: expected 2 fields ({','.join(columns)}), got {len(row)}")
             continue
         img, pixels = row
-        if not (_ID.fullmatch(img) if numeric_ids else img):
-            problems.append(f"line {line}: id {img!r} is {'not a numeric id' if numeric_ids else 'empty'}")
+        if (why := id_problem(img, numeric_ids)) is not None:
+            problems.append(f"line {line}: id {img!r} {why}")
         elif img in seen:
             problems.append(f"line {line}: id {img} is listed more than once")
         seen.add(img)
@@ -146,3 +223,31 @@ def validate_submission(path: str | Path, expected_ids: Iterable[str] | None = N
 
 def _sort_key(img: str) -> tuple[int, str]:
     return (len(img), img)  # numeric order for digit ids, without parsing them
+
+
+def validate_submission_file(submission: str | Path, *, test_dir: str | Path | None = None,
+                             height: int | None = None, width: int | None = None,
+                             data: DataParams = DataParams()) -> int:
+    """The `validate` command: check `submission` with the conventions of `data` (columns, RLE start,
+    numeric-id rule); returns its row count, or raises SubmissionError / InputError.
+
+    With `test_dir`, its test images (listed by the load stage's rule, `layouts.list_test_images`:
+    dot-files such as AppleDouble `._1.tif` skipped) must each appear exactly once, and the image
+    size (unless both `height` and `width` are given) is read from the first of them. Without it
+    the size is `height` x `width`, each defaulting to the Kaggle 420 x 580.
+    """
+    from pipeline.io import InputError, read_image
+    from pipeline.layouts import list_test_images
+
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise InputError(f"--{name} must be a positive whole number of pixels, got {value!r}")
+    ids, shape = None, KAGGLE_SHAPE
+    if test_dir is not None:
+        images = list_test_images(Path(test_dir), data)
+        ids = [image_id for image_id, _ in images]
+        if height is None or width is None:
+            shape = read_image(images[0][1], data.channels)[0].shape[:2]
+    shape = (shape[0] if height is None else height, shape[1] if width is None else width)
+    return validate_submission(submission, ids, shape, columns=data.submission_columns, start=data.rle_start,
+                               numeric_ids=numeric_ids(data))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipeline import rle
 from pipeline.io import atomic_dir, write_csv, write_json, write_png, write_tiff
-from pipeline.params import SynthParams
+from pipeline.params import Params
 
 TWIN_PROBABILITY = 0.35   # chance a frame is a near-identical repeat of the previous one
 VISIBILITY_SWITCH = 0.4   # sum of the two switching rates of the visible/hidden Markov chain
@@ -135,8 +135,9 @@ def subject_frames(anatomy: Anatomy, rng: np.random.Generator, n_frames: int, p_
     return frames
 
 
-def run(params: SynthParams, seed: int, out_dir: str | Path) -> dict[str, float]:
-    """Write train/, test/ and truth/ under `out_dir` (atomically, as one directory)."""
+def run(params: Params, *, out: str | Path) -> dict[str, float]:
+    """Write train/, test/ and truth/ under `out` (atomically, as one directory)."""
+    seed, params = params.seed, params.synth
     shape = (params.height, params.width)
     p_visible = (1 - params.empty_fraction) / (1 - params.label_noise) if params.label_noise < 1 else 1.0
     p_visible = min(p_visible, 1.0)
@@ -145,7 +146,7 @@ def run(params: SynthParams, seed: int, out_dir: str | Path) -> dict[str, float]
     subject_seeds = root_rng.integers(0, 2**63, params.subjects + n_test_subjects)
 
     train_rows: list[dict] = []
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out) as tmp:
         writer = LayoutWriter(tmp, params.layout)
         for s in tqdm(range(params.subjects), desc="synth train subjects", unit="subject"):
             rng = np.random.default_rng(subject_seeds[s])

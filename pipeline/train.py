@@ -3,9 +3,13 @@
 Each trained fold writes `fold_K/best.pt` (best validation Dice, see `evaluate`) and `fold_K/last.pt`
 (after every epoch, with optimizer, scheduler, RNG state and a hash of params and
 inputs), so a killed run continues from its last finished epoch and ends with the
-same weights as an uninterrupted one. The validation probabilities of the best
-checkpoints go to `oof.npz` for the tune stage. The same code runs single-process
-or under `torchrun` (DistributedDataParallel); rank 0 writes every file.
+same weights as an uninterrupted one. The last epoch's last.pt leaves the optimizer,
+scheduler and RNG state out (two thirds of its size with AdamW): a finished fold needs
+only best.pt for prediction, and last.pt's hash and history for a re-run to skip it.
+Every checkpoint holds plain data only and is read with `weights_only=True`. The
+validation probabilities of the best checkpoints go to `oof.npz` for the tune stage.
+The same code runs single-process or under `torchrun` (DistributedDataParallel);
+rank 0 writes every file.
 """
 from __future__ import annotations
 
@@ -28,8 +32,9 @@ from tqdm import tqdm
 from pipeline import diagnostics
 from pipeline.io import InputError, atomic_path
 from pipeline.metrics import dice_per_image
-from pipeline.model import build_model, channels_first, save_checkpoint, split_outputs
-from pipeline.params import DiagnosticsParams, TrainParams, to_dict
+from pipeline.model import (CheckpointError, build_model, channels_first, check_encoder, read_checkpoint,
+                            save_checkpoint, split_outputs)
+from pipeline.params import DiagnosticsParams, Params, TrainParams, to_dict
 
 GATE = 0.5  # pixel and presence threshold for the monitoring Dice; the tune stage picks the real ones
 PRESENCE_GRID = np.round(np.arange(0.05, 1.0, 0.05), 2)
@@ -299,17 +304,22 @@ def train_epoch(model: torch.nn.Module, loader: torch.utils.data.DataLoader, opt
     return float(total[0] / total[1].clamp(min=1))
 
 
-def _resume_state(path: Path, run_hash: str, rt: Runtime) -> dict[str, Any] | None:
-    """last.pt's state when it was saved for the same params and inputs, else None (with the reason logged)."""
+def _resume_state(path: Path, run_hash: str, epochs: int, rt: Runtime) -> dict[str, Any] | None:
+    """last.pt's state when it was saved for the same params and inputs, else None (with the reason logged).
+
+    It is read with `weights_only=True`: a file hiding code is refused (and overwritten), never run."""
     if not path.exists():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file means: start over
-        _log(rt, f"{path}: unreadable ({exc}); starting this fold over")
+        state = read_checkpoint(path, map_location="cpu")
+    except CheckpointError as exc:  # unreadable, or not plain data: start over
+        _log(rt, f"{exc}; starting this fold over")
         return None
     if state.get("run_hash") != run_hash:
         _log(rt, f"{path}: saved for other train params or inputs; starting this fold over")
+        return None
+    if "optimizer" not in state and state.get("epoch") != epochs:
+        _log(rt, f"{path}: has no optimizer state to resume from; starting this fold over")
         return None
     return state
 
@@ -337,14 +347,15 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
     start, history, best = 0, [], -1.0
     monitor = diagnostics.Monitor(d, fold.index, model, fold.x_val, fold.y_val, fold.norm, seed,
                                   lambda message: _log(rt, message)) if rt.main else None
-    state = _resume_state(last, fold.run_hash, rt)
+    state = _resume_state(last, fold.run_hash, t.epochs, rt)
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if rt.device.type == "cuda" and state["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        if "optimizer" in state:  # a finished fold's last.pt has none: nothing is left to train
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if rt.device.type == "cuda" and state["rng"]["cuda"] is not None:
+                torch.cuda.set_rng_state(state["rng"]["cuda"])
         start, history, best = state["epoch"], state["history"], state["best_dice"]
         if monitor:
             monitor.restore(state.get("diagnostics"))
@@ -379,13 +390,15 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
             if val["dice_tuned"] > best:
                 save_checkpoint(best_path, model, t, fold.norm, epoch=epoch + 1, metrics=val)
             best = max(best, val["dice_tuned"])
-            cuda_rng = torch.cuda.get_rng_state() if rt.device.type == "cuda" else None
-            save_checkpoint(last, model, t, fold.norm, epoch=epoch + 1, optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict(), rng={"torch": torch.get_rng_state(), "cuda": cuda_rng},
-                            run_hash=fold.run_hash, history=history, best_dice=best,
-                            diagnostics=monitor.state() if monitor else None)
+            resume = {}
+            if epoch + 1 < t.epochs:  # what the next epoch needs; a finished fold keeps none of it
+                cuda_rng = torch.cuda.get_rng_state() if rt.device.type == "cuda" else None
+                resume = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng}}
+            save_checkpoint(last, model, t, fold.norm, epoch=epoch + 1, **resume, run_hash=fold.run_hash,
+                            history=history, best_dice=best, diagnostics=monitor.state() if monitor else None)
         rt.barrier()
-    best_state = torch.load(best_path, map_location=rt.device, weights_only=False)
+    best_state = read_checkpoint(best_path, map_location=rt.device)
     model.load_state_dict(best_state["model"])
     probs, presence, _ = validate(model, fold, t, rt)
     warnings = monitor.finish(model, diag_dir) if monitor else 0
@@ -440,26 +453,29 @@ def read_training_manifest(path: str | Path, n_rows: int) -> pd.DataFrame:
     return manifest
 
 
-def run(t: TrainParams, seed: int, interim_dir: str | Path, manifest_path: str | Path, augment_path: str | Path,
-        models_dir: str | Path, oof_dir: str | Path, reports_dir: str | Path,
-        d: DiagnosticsParams = DiagnosticsParams()) -> dict[str, Any]:
+def run(params: Params, *, interim: str | Path, manifest: str | Path, augment: str | Path,
+        models: str | Path, oof: str | Path, reports: str | Path) -> dict[str, Any]:
     """Train `train.train_folds` of `train.folds` subject-grouped folds; returns the final metrics (rank 0)."""
-    from pipeline import augment
+    t, seed, d = params.train, params.seed, params.diagnostics
+    interim_dir, manifest_path, augment_path, models_dir, oof_dir, reports_dir = (
+        interim, manifest, augment, models, oof, reports)
+    from pipeline import augment as augmentation
     from pipeline.load import open_arrays
 
     began = time.perf_counter()
+    check_encoder(t.encoder)  # a typo fails here, before loading data or joining torchrun's group
     rt = setup_runtime(t)
     _log(rt, f"training on {rt.device.type}" + (f" x{rt.world} ranks" if rt.world > 1 else "")
          + (", bf16 autocast" if rt.amp else f", {torch.get_num_threads()} threads" if rt.device.type == "cpu" else ""))
     try:
         images, masks = open_arrays(interim_dir, "train")
-        manifest = read_training_manifest(manifest_path, len(images))
-        rows = manifest.row.to_numpy()
-        transform = augment.load(augment_path)
+        table = read_training_manifest(manifest_path, len(images))
+        rows = table.row.to_numpy()
+        transform = augmentation.load(augment_path)
         norm = pixel_stats(images[rows])
-        x, y = augment.working_arrays(images[rows], masks[rows], (t.height, t.width))
-        folds = subject_folds(manifest.subject.to_numpy(), t.folds, seed)
-        run_hash = _run_hash(t, seed, norm, Path(augment_path).read_bytes(), manifest.id.tolist(), x, y, folds)
+        x, y = augmentation.working_arrays(images[rows], masks[rows], (t.height, t.width))
+        folds = subject_folds(table.subject.to_numpy(), t.folds, seed)
+        run_hash = _run_hash(t, seed, norm, Path(augment_path).read_bytes(), table.id.tolist(), x, y, folds)
         live = _open_live(reports_dir) if rt.main else None
         oof_rows, oof_probs, oof_presence, per_fold = [], [], [], {}
         for k in range(t.train_folds):
@@ -476,7 +492,7 @@ def run(t: TrainParams, seed: int, interim_dir: str | Path, manifest_path: str |
             return {}
         val_rows = np.concatenate(oof_rows)
         probs, presence = np.concatenate(oof_probs), np.concatenate(oof_presence)
-        ids = manifest.id.to_numpy()[val_rows].astype(str)
+        ids = table.id.to_numpy()[val_rows].astype(str)
         with atomic_path(Path(oof_dir) / "oof.npz") as tmp, open(tmp, "wb") as fh:
             np.savez(fh, ids=ids, mask_prob=probs, presence_prob=presence)
         overall = evaluate(probs, presence, y[val_rows])

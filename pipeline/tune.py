@@ -18,7 +18,7 @@ from pipeline.io import InputError, save_figure, write_csv, write_json
 from pipeline.load import open_arrays, read_manifest
 from pipeline.metrics import dice_from_counts
 from pipeline.model import to_native
-from pipeline.params import TuneParams
+from pipeline.params import Params, TuneParams
 from pipeline.postprocess import Thresholds, check_probabilities, keep
 
 CHUNK = 32  # images upsampled at once: 32 x 420 x 580 float32 is about 31 MB
@@ -43,9 +43,15 @@ def load_oof(oof_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if n == 0 or mask_prob.ndim != 3 or mask_prob.shape[0] != n or presence.shape != (n,):
         raise InputError(f"{path}: inconsistent shapes: ids {ids.shape}, mask_prob {mask_prob.shape}, "
                          f"presence_prob {presence.shape}")
+    ids = ids.astype(str)
+    names, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        dup = names[counts > 1]
+        raise InputError(f"{path}: {len(dup)} id(s) appear more than once in the out-of-fold predictions, "
+                         f"e.g. {', '.join(dup[:5])} (each train image must be predicted by exactly one fold)")
     for name, values in (("mask_prob", mask_prob), ("presence_prob", presence)):
         check_probabilities(values, f"{path}: {name}", ids)
-    return ids.astype(str), mask_prob, presence.astype(np.float32)
+    return ids, mask_prob, presence.astype(np.float32)
 
 
 def train_rows(interim_dir: str | Path, ids: np.ndarray) -> np.ndarray:
@@ -56,8 +62,10 @@ def train_rows(interim_dir: str | Path, ids: np.ndarray) -> np.ndarray:
     if unknown:
         raise InputError(f"{len(unknown)} OOF id(s) not among the train images of {interim_dir}, "
                          f"e.g. {', '.join(unknown[:5])}")
-    if len(set(ids)) != len(ids):
-        raise InputError("duplicate ids in the out-of-fold predictions")
+    names, counts = np.unique(np.asarray(ids, str), return_counts=True)
+    if (counts > 1).any():
+        dup = names[counts > 1]
+        raise InputError(f"{len(dup)} OOF id(s) appear more than once, e.g. {', '.join(dup[:5])}")
     return train.loc[ids].to_numpy()
 
 
@@ -154,13 +162,14 @@ def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_
     return grid, chosen, {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
-def run(oof_dir: str | Path, interim_dir: str | Path, out: str | Path, reports_dir: str | Path,
-        p: TuneParams) -> dict[str, float]:
-    ids, mask_prob, presence_prob = load_oof(oof_dir)
-    rows = train_rows(interim_dir, ids)
-    _, truth = open_arrays(interim_dir, "train")
-    grid, chosen, metrics = search(mask_prob, truth, rows, presence_prob, p)
-    reports = Path(reports_dir)
+def run(params: Params, *, oof: str | Path, interim: str | Path, out: str | Path, reports: str | Path
+        ) -> dict[str, float]:
+    """Write the chosen thresholds to `out`; the grid, plots and metrics to `reports`."""
+    ids, mask_prob, presence_prob = load_oof(oof)
+    rows = train_rows(interim, ids)
+    _, truth = open_arrays(interim, "train")
+    grid, chosen, metrics = search(mask_prob, truth, rows, presence_prob, params.tune)
+    reports = Path(reports)
     write_csv(reports / "grid.csv", grid.round({"dice": 6}))
     for name in ("pixel", "presence", "min_area"):  # profile: best Dice at each value of one threshold
         write_csv(reports / f"dice_vs_{name}.csv", grid.groupby(name, as_index=False)["dice"].max().round(6))

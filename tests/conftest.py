@@ -10,7 +10,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 from pipeline import load, synth  # noqa: E402
-from pipeline.params import DataParams, SynthParams  # noqa: E402
+from pipeline.params import DataParams, Params, SynthParams  # noqa: E402
 
 TINY = SynthParams(subjects=3, frames_per_subject=10, test_images=6, height=96, width=128,
                    empty_fraction=0.5, label_noise=0.3)
@@ -20,7 +20,7 @@ TINY = SynthParams(subjects=3, frames_per_subject=10, test_images=6, height=96, 
 def tiny_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 96x128 synthetic dataset: 3 subjects x 10 frames, 6 test images, with truth/."""
     out = tmp_path_factory.mktemp("raw") / "synthetic"
-    synth.run(TINY, seed=7, out_dir=out)
+    synth.run(Params(seed=7, synth=TINY), out=out)
     return out
 
 
@@ -28,5 +28,5 @@ def tiny_raw(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_interim(tiny_raw: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny dataset after the load stage (arrays + manifest)."""
     out = tmp_path_factory.mktemp("interim") / "interim"
-    load.run(tiny_raw, DataParams(), out, out.parent / "load_metrics.json")
+    load.run(Params(), raw=tiny_raw, out=out, metrics=out.parent / "load_metrics.json")
     return out

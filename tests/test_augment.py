@@ -8,7 +8,7 @@ import albumentations as A
 import numpy as np
 
 from pipeline import augment
-from pipeline.params import AugmentParams
+from pipeline.params import AugmentParams, Params, TrainParams
 
 GEOMETRY = AugmentParams(hflip_p=0.5, vflip_p=0.5, affine_p=1.0, shift=0.1, scale=0.2, rotate=30.0,
                          elastic_p=1.0, brightness_contrast_p=0.0, gamma_p=0.0)
@@ -73,8 +73,8 @@ def test_working_arrays_resize_images_like_preprocess_and_threshold_masks() -> N
 
 
 def test_stage_writes_pipeline_and_preview(tiny_interim, tmp_path) -> None:
-    summary = augment.run(AugmentParams(preview_samples=4), 7, (48, 64), tiny_interim, tmp_path / "a.json",
-                          tmp_path / "p" / "preview.png")
+    params = Params(seed=7, augment=AugmentParams(preview_samples=4), train=TrainParams(height=48, width=64))
+    summary = augment.run(params, interim=tiny_interim, out=tmp_path / "a.json", preview=tmp_path / "p" / "preview.png")
     assert isinstance(augment.load(tmp_path / "a.json"), A.Compose)
     assert (tmp_path / "p" / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["preview_samples"] == 4

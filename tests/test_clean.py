@@ -9,7 +9,7 @@ import pytest
 
 from pipeline import clean
 from pipeline.io import InputError
-from pipeline.params import CleanParams, ParamsError, parse_params
+from pipeline.params import CleanParams, Params, ParamsError, parse_params
 
 # a (mask) ~ b (empty) ~ g (mask): b contradicts two frames; c, d both masked but disagree;
 # e ~ f agree; h (empty) ~ i (mask) flagged empty-vs-masked.
@@ -64,8 +64,8 @@ def write_inputs(root: Path, pairs: pd.DataFrame = PAIRS, truth: bool = True) ->
 
 
 def run_clean(root: Path, policy: str) -> dict:
-    return clean.run(CleanParams(policy=policy), root / "interim", root / "dedup", root / "raw",
-                     root / "processed", root / "metrics.json")
+    return clean.run(Params(clean=CleanParams(policy=policy)), interim=root / "interim", dedup=root / "dedup",
+                     raw=root / "raw", out=root / "processed", metrics=root / "metrics.json")
 
 
 def test_stage_writes_kept_rows_unchanged_and_scores_against_truth(tmp_path: Path) -> None:

@@ -72,3 +72,112 @@ def test_module_entry_point_help_is_fast_and_works():
     heavy = subprocess.run([sys.executable, "-c", "import pipeline.cli, sys; print('torch' in sys.modules)"],
                            capture_output=True, text=True, timeout=60)
     assert heavy.stdout.strip() == "False", "importing the CLI must not import torch"
+
+
+def _interim_with_test_ids(tiny_interim, tmp_path, ids):
+    """A copy of the loaded tiny dataset whose test images have the given ids."""
+    import shutil
+
+    import pandas as pd
+
+    interim = tmp_path / "interim"
+    shutil.copytree(tiny_interim, interim)
+    manifest = pd.read_csv(interim / "manifest.csv", dtype=str, keep_default_na=False)
+    test = manifest.index[manifest.split == "test"]
+    manifest.loc[test, "id"] = ids
+    manifest.to_csv(interim / "manifest.csv", index=False)
+    return interim
+
+
+def _predict(interim, models, tmp_path, data):
+    from pipeline import predict
+    from pipeline.params import Params, PredictParams
+
+    (tmp_path / "thresholds.json").write_text('{"pixel": 0.5, "presence": 0.5, "min_area": 0}')
+    (tmp_path / "raw").mkdir(exist_ok=True)  # no truth/: nothing to score against
+    return predict.run(Params(predict=PredictParams(batch_size=4), data=data), interim=interim, models=models,
+                       thresholds=tmp_path / "thresholds.json", raw=tmp_path / "raw", out=tmp_path / "sub.csv",
+                       metrics=tmp_path / "m.json")
+
+
+def test_predict_refuses_an_unwritable_id_before_loading_any_model(tiny_interim, tmp_path):
+    """The ultrasound layout's numeric-id rule, checked up front: the error names the id and the manifest,
+    not the submission's temporary file, and comes before the (here missing) checkpoints are looked at."""
+    from pipeline.params import DataParams
+    from pipeline.rle import SubmissionError
+
+    interim = _interim_with_test_ids(tiny_interim, tmp_path, ["1", "2", "3a", "4", "5", "6"])
+    with pytest.raises(SubmissionError) as info:
+        _predict(interim, tmp_path / "no_models", tmp_path, DataParams(layout="ultrasound"))
+    text = str(info.value)
+    assert "id '3a' is not a numeric id" in text and str(interim / "manifest.csv") in text
+    assert ".tmp" not in text and not (tmp_path / "sub.csv").exists() and not (tmp_path / "m.json").exists()
+
+
+def _one_fold(models):
+    import torch
+
+    from pipeline.model import build_model, save_checkpoint
+    from pipeline.params import TrainParams
+
+    tiny = TrainParams(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 8), height=64, width=64)
+    torch.manual_seed(0)
+    save_checkpoint(models / "fold_0" / "best.pt", build_model(tiny), tiny, {"mean": 0.3, "std": 0.2})
+    return models
+
+
+def test_predict_writes_ids_with_commas_and_quotes_that_read_back(tiny_interim, tmp_path):
+    import pandas as pd
+
+    from pipeline import rle
+    from pipeline.params import DataParams
+
+    ids = ["a,1", 'b"2', 'c,"3"', "d 4", "e5", "f6"]
+    interim = _interim_with_test_ids(tiny_interim, tmp_path, ids)
+    data = DataParams(layout="folders", submission_columns=("id", "rle_mask"))
+    assert _predict(interim, _one_fold(tmp_path / "models"), tmp_path, data)["test_images"] == 6
+    table = pd.read_csv(tmp_path / "sub.csv", dtype=str, keep_default_na=False)
+    assert list(table.columns) == ["id", "rle_mask"] and sorted(table.id) == sorted(ids)
+    assert rle.validate_submission_file(tmp_path / "sub.csv", height=96, width=128, data=data) == 6
+    assert rle.validate_submission(tmp_path / "sub.csv", ids, (96, 128), columns=("id", "rle_mask"),
+                                   numeric_ids=False) == 6
+
+
+def test_predict_invalid_submission_names_the_output_not_its_temporary(tiny_interim, tmp_path, monkeypatch):
+    from pipeline import predict
+    from pipeline.params import DataParams
+    from pipeline.rle import SubmissionError
+
+    monkeypatch.setattr(predict.rle, "encode", lambda mask, order="F", start=1: "0 5")
+    with pytest.raises(SubmissionError) as info:
+        _predict(tiny_interim, _one_fold(tmp_path / "models"), tmp_path, DataParams())
+    text = str(info.value)
+    assert text.startswith(f"{tmp_path / 'sub.csv'} (not written): invalid submission") and ".tmp" not in text
+    assert "start 0 is below 1" in text and not (tmp_path / "sub.csv").exists()
+
+
+def test_validate_a_folder_is_one_clear_line(params, tmp_path):
+    result = runner.invoke(app, ["validate", str(tmp_path), "--params", str(params)])
+    assert result.exit_code == 1, result.output
+    assert f"error: {tmp_path}: is a folder, not a CSV file" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("option, value", [("--height", "-5"), ("--width", "0")])
+def test_validate_refuses_a_size_that_is_not_positive(params, tmp_path, option, value):
+    sub = tmp_path / "sub.csv"
+    sub.write_text("img,pixels\n1,1 2\n")
+    result = runner.invoke(app, ["validate", str(sub), option, value, "--params", str(params)])
+    assert result.exit_code == 1, result.output
+    assert f"{option} must be a positive whole number of pixels, got {value}" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_validate_ignores_appledouble_files_in_the_test_folder(params, tmp_path):
+    raw = tmp_path / "raw"
+    assert runner.invoke(app, ["synth", "--out", str(raw), "--params", str(params)]).exit_code == 0
+    ids = sorted(int(p.stem) for p in (raw / "test").glob("*.tif"))
+    (raw / "test" / f"._{ids[0]}.tif").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # macOS metadata, not an image
+    sub = tmp_path / "sub.csv"
+    sub.write_text("img,pixels\n" + "".join(f"{i},5111 10\n" for i in ids))  # ends at pixel 5120 of 64x80
+    result = runner.invoke(app, ["validate", str(sub), "--test-dir", str(raw / "test"), "--params", str(params)])
+    assert result.exit_code == 0 and f"valid ({len(ids)} rows)" in result.output, result.output

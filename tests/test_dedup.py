@@ -11,7 +11,7 @@ from scipy.spatial.distance import cdist
 
 from pipeline import dedup
 from pipeline.io import InputError
-from pipeline.params import DedupParams, ParamsError, parse_params
+from pipeline.params import DedupParams, Params, ParamsError, parse_params
 
 
 def naive_block_histograms(images: np.ndarray, block_size: int, bins: int) -> np.ndarray:
@@ -109,8 +109,8 @@ def test_groups_are_connected_components() -> None:
 
 
 def test_stage_finds_the_generator_twins(tiny_interim: Path, tiny_raw: Path, tmp_path: Path) -> None:
-    summary = dedup.run(DedupParams(block_size=16, gallery_pairs=2), tiny_interim, tmp_path / "dedup",
-                        tmp_path / "reports", progress=False)
+    summary = dedup.run(Params(dedup=DedupParams(block_size=16, gallery_pairs=2)), interim=tiny_interim,
+                        out=tmp_path / "dedup", reports=tmp_path / "reports", progress=False)
     pairs = pd.read_csv(tmp_path / "dedup" / "pairs.csv", dtype={"id_a": str, "id_b": str})
     assert list(pairs.columns) == ["id_a", "id_b", "distance", "has_mask_a", "has_mask_b", "mask_dice",
                                    "contradictory"]
@@ -131,7 +131,7 @@ def test_stage_finds_the_generator_twins(tiny_interim: Path, tiny_raw: Path, tmp
 
 def test_stage_names_the_missing_input(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="manifest.csv: not found"):
-        dedup.run(DedupParams(), tmp_path, tmp_path / "out", tmp_path / "reports")
+        dedup.run(Params(), interim=tmp_path, out=tmp_path / "out", reports=tmp_path / "reports")
 
 
 @pytest.mark.parametrize("section, key, message", [

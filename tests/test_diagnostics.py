@@ -21,7 +21,7 @@ from pipeline.diagnostics import (GradTracker, Monitor, bottleneck_features, cap
                                   presence_attribution, relu_alive, weight_norms)
 from pipeline.load import read_manifest
 from pipeline.model import build_model, preprocess, split_outputs
-from pipeline.params import AugmentParams, DiagnosticsParams, TrainParams
+from pipeline.params import AugmentParams, DiagnosticsParams, Params, TrainParams
 
 TINY = TrainParams(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 4), height=64, width=64,
                    epochs=2, batch_size=8, folds=3, train_folds=1, lr=3e-3)
@@ -254,8 +254,8 @@ def inputs(tiny_interim: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 def _run(out: Path, inputs: dict[str, Path], d: DiagnosticsParams = DIAG) -> dict:
-    return train.run(TINY, 5, inputs["interim"], inputs["manifest"], inputs["augment"], out / "models", out / "oof",
-                     out / "reports", d)
+    return train.run(Params(seed=5, train=TINY, diagnostics=d), interim=inputs["interim"], manifest=inputs["manifest"],
+                     augment=inputs["augment"], models=out / "models", oof=out / "oof", reports=out / "reports")
 
 
 @pytest.fixture(scope="module")

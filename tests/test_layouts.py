@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline import load, rle, synth
 from pipeline.io import InputError
-from pipeline.params import DataParams, SynthParams
+from pipeline.params import DataParams, Params, SynthParams
 
 SMALL = dict(subjects=2, frames_per_subject=4, test_images=3, height=64, width=80, label_noise=0.0)
 
@@ -23,7 +23,7 @@ def datasets(tmp_path_factory):
 
 
 def _load(raw, data, tmp_path):
-    summary = load.run(raw, data, tmp_path / "interim", tmp_path / "m.json")
+    summary = load.run(Params(data=data), raw=raw, out=tmp_path / "interim", metrics=tmp_path / "m.json")
     images, masks = load.open_arrays(tmp_path / "interim", "train")
     return summary, load.read_manifest(tmp_path / "interim"), images, masks
 
@@ -135,24 +135,26 @@ def test_csv_layout_end_to_end_with_its_own_conventions(tmp_path):
                       submission_columns=("id", "rle_mask"))
 
     interim = tmp_path / "interim"
-    assert load.run(raw, data, interim, tmp_path / "load.json")["channels"] == 3
+    assert load.run(Params(data=data), raw=raw, out=interim, metrics=tmp_path / "load.json")["channels"] == 3
     dedup.run(DedupParams(block_size=4, scope="global"), interim, tmp_path / "dedup", tmp_path / "dedup_reports")
     clean.run(CleanParams(), interim, tmp_path / "dedup", raw, tmp_path / "processed", tmp_path / "clean.json")
     t = TrainParams(encoder_depth=3, decoder_channels=(16, 8, 4), height=32, width=48, epochs=1, batch_size=4,
                     folds=3, train_folds=1)
     augment.run(AugmentParams(preview_samples=2), 1, (t.height, t.width), interim, tmp_path / "aug.json",
                 tmp_path / "preview.png")
-    train.run(t, 1, interim, tmp_path / "processed" / "manifest.csv", tmp_path / "aug.json", tmp_path / "models",
-              tmp_path / "oof", tmp_path / "train_reports")
+    train.run(Params(seed=1, train=t), interim=interim, manifest=tmp_path / "processed" / "manifest.csv",
+              augment=tmp_path / "aug.json", models=tmp_path / "models", oof=tmp_path / "oof",
+              reports=tmp_path / "train_reports")
     model, _ = load_checkpoint(tmp_path / "models" / "fold_0" / "best.pt", map_location="cpu")
     assert input_channels(model) == 3
     median = float(np.median(np.load(tmp_path / "oof" / "oof.npz")["mask_prob"]))  # partial masks, not all or none
-    tune.run(tmp_path / "oof", interim, tmp_path / "thresholds.json", tmp_path / "tune_reports",
-             TuneParams(pixel_thresholds=(round(median, 6),), presence_thresholds=(0.0,), min_areas=(0,)))
+    tune.run(Params(tune=TuneParams(pixel_thresholds=(round(median, 6),), presence_thresholds=(0.0,), min_areas=(0,))),
+             oof=tmp_path / "oof", interim=interim, out=tmp_path / "thresholds.json", reports=tmp_path / "tune_reports")
 
     def submit(name: str, d: DataParams) -> pd.DataFrame:
-        predict.run(interim, tmp_path / "models", tmp_path / "thresholds.json", raw, tmp_path / name,
-                    tmp_path / f"{name}.json", PredictParams(tta_flip=False), d)
+        predict.run(Params(predict=PredictParams(tta_flip=False), data=d), interim=interim, models=tmp_path / "models",
+                    thresholds=tmp_path / "thresholds.json", raw=raw, out=tmp_path / name,
+                    metrics=tmp_path / f"{name}.json")
         return pd.read_csv(tmp_path / name, dtype=str, keep_default_na=False)
 
     ours = submit("ours.csv", data)
@@ -162,3 +164,61 @@ def test_csv_layout_end_to_end_with_its_own_conventions(tmp_path):
     for mine, theirs in zip(decoded, kaggle.pixels):
         assert np.array_equal(mine, rle.decode(theirs, (64, 80)))
     assert any(0 < m.sum() < m.size for m in decoded)  # partial masks, so the pixel order matters
+
+
+@pytest.mark.parametrize("first, second, pixels", [("100 2", "1 3", 5), ("1 3", "2 3", 4), ("5 2", "-1", 2)])
+def test_csv_rows_of_one_id_are_a_union_of_pixels(datasets, tmp_path, first, second, pixels):
+    """Rows of one id in any order, even overlapping, give the union of their pixels."""
+    raw = shutil.copytree(datasets / "csv", tmp_path / "raw")
+    table = pd.read_csv(raw / "train.csv", dtype=str, keep_default_na=False)
+    table.loc[0, "rle_mask"] = first
+    extra = table.iloc[[0]].assign(rle_mask=second)
+    pd.concat([table, extra]).to_csv(raw / "train.csv", index=False)
+    _, manifest, _, masks = _load(raw, DataParams(layout="csv"), tmp_path)
+    assert masks[manifest.set_index("id").loc[table.loc[0, "id"], "row"]].sum() == pixels
+
+
+def test_csv_rle_error_names_the_line(datasets, tmp_path):
+    raw = shutil.copytree(datasets / "csv", tmp_path / "raw")
+    table = pd.read_csv(raw / "train.csv", dtype=str, keep_default_na=False)
+    pd.concat([table, table.iloc[[1]].assign(rle_mask="3 x")]).to_csv(raw / "train.csv", index=False)
+    with pytest.raises(InputError, match=rf"train.csv: id '{table.loc[1, 'id']}' \(line {len(table) + 2}\): mask RLE"):
+        _load(raw, DataParams(layout="csv"), tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["csv", "folders"])
+def test_blank_group_cells_are_an_error_naming_their_lines(datasets, tmp_path, layout):
+    """A blank group cell would silently become one group "" shared by every such image."""
+    raw = shutil.copytree(datasets / layout, tmp_path / "raw")
+    table = pd.read_csv(raw / "train.csv", dtype=str, keep_default_na=False)
+    table.loc[[1, 4], "group"] = ["", "  "]
+    table.to_csv(raw / "train.csv", index=False)
+    with pytest.raises(InputError) as info:
+        _load(raw, DataParams(layout=layout, group_column="group"), tmp_path)
+    assert f"{raw / 'train.csv'}: blank 'group' on line(s) 3, 6" in str(info.value)
+    assert not (tmp_path / "interim").exists()
+
+
+@pytest.mark.parametrize("name, fragment", [
+    ("a,b.png", "contains a comma"), ('q"x.png', "contains a double quote"), ("n\nl.png", "contains a line break")])
+def test_test_ids_a_submission_cannot_hold_are_refused_at_load(datasets, tmp_path, name, fragment):
+    raw = shutil.copytree(datasets / "folders", tmp_path / "raw")
+    first = sorted((raw / "test" / "images").iterdir())[0]
+    first.rename(first.with_name(name))
+    with pytest.raises(InputError) as info:
+        _load(raw, DataParams(layout="folders"), tmp_path)
+    assert f"{raw / 'test' / 'images' / name}: id {name[:-4]!r} {fragment}" in str(info.value)
+
+
+def test_submission_id_rule():
+    from pipeline.layouts import submission_id_problem, submission_ids_numeric
+
+    assert submission_id_problem("17", numeric=True) is None
+    assert submission_id_problem("a1f0", numeric=False) is None
+    assert "not a numeric id" in submission_id_problem("a1", numeric=True)
+    assert "not a numeric id" in submission_id_problem("\u0661", numeric=True)
+    assert "not a numeric id" in submission_id_problem("", numeric=True)
+    assert submission_id_problem("", numeric=False) == "id '' is empty"
+    for bad in ("a,b", 'a"b', "a\nb", "a\rb", "a\tb", " ab", "ab "):
+        assert submission_id_problem(bad, numeric=False) is not None, bad
+    assert submission_ids_numeric(DataParams()) and not submission_ids_numeric(DataParams(layout="csv"))

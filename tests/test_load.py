@@ -6,7 +6,7 @@ from PIL import Image
 
 from pipeline import load
 from pipeline.io import InputError, read_json
-from pipeline.params import DataParams
+from pipeline.params import DataParams, Params
 
 
 @pytest.fixture
@@ -16,7 +16,7 @@ def raw(tiny_raw, tmp_path):
 
 
 def _run(raw, tmp_path):
-    return load.run(raw, DataParams(), tmp_path / "interim", tmp_path / "metrics.json")
+    return load.run(Params(), raw=raw, out=tmp_path / "interim", metrics=tmp_path / "metrics.json")
 
 
 def test_loads_arrays_manifest_and_metrics(tiny_interim, tiny_raw):
@@ -118,7 +118,7 @@ def test_missing_folders(tmp_path):
     (tmp_path / "raw").mkdir()
     _expect_error(tmp_path / "raw", tmp_path, "train", "folder not found")
     with pytest.raises(InputError, match="data folder not found"):
-        load.run(tmp_path / "absent", DataParams(), tmp_path / "o", tmp_path / "m.json")
+        load.run(Params(), raw=tmp_path / "absent", out=tmp_path / "o", metrics=tmp_path / "m.json")
 
 
 def test_zero_one_masks_accepted(raw, tmp_path):
@@ -136,3 +136,90 @@ def test_rerun_replaces_output(raw, tmp_path):
     (tmp_path / "interim" / "stale.txt").write_text("old")
     _run(raw, tmp_path)
     assert not (tmp_path / "interim" / "stale.txt").exists()
+
+
+def test_leading_zero_id_beside_the_same_id_is_an_error_naming_both(raw, tmp_path):
+    """`01_1.tif` and `1_1.tif` are one id (ids compare as numbers): refused, not one frame silently dropped."""
+    shutil.copy(raw / "train" / "1_1.tif", raw / "train" / "01_1.tif")
+    shutil.copy(raw / "train" / "1_1_mask.tif", raw / "train" / "01_1_mask.tif")
+    _expect_error(raw, tmp_path, "01_1.tif and 1_1.tif: both are training image 1_1",
+                  "01_1_mask.tif and 1_1_mask.tif: both are mask 1_1")
+
+
+def test_mask_must_spell_its_image_id_exactly(raw, tmp_path):
+    """`01_2.tif` does not silently pair with `1_2_mask.tif`: the error names both files."""
+    (raw / "train" / "1_2.tif").rename(raw / "train" / "01_2.tif")
+    _expect_error(raw, tmp_path, "01_2.tif and 1_2_mask.tif: image and mask spell id 1_2 differently",
+                  "1 problem(s)")
+
+
+def test_test_ids_of_one_value_are_an_error_naming_both(raw, tmp_path):
+    shutil.copy(raw / "test" / "1.tif", raw / "test" / "01.tif")
+    _expect_error(raw, tmp_path, "01.tif and 1.tif: both are test image 1")
+
+
+def test_non_ascii_digits_are_not_ids(raw, tmp_path):
+    """`\\d` would take Arabic-Indic digits: `١_٧.tif` loaded as 1_7, `٣.tif` as a test id."""
+    shutil.copy(raw / "train" / "1_7.tif", raw / "train" / "\u0661_\u0667.tif")
+    shutil.copy(raw / "test" / "1.tif", raw / "test" / "\u0663.tif")
+    _expect_error(raw, tmp_path, "\u0661_\u0667.tif: name does not match", "\u0663.tif: name does not match",
+                  "ASCII")
+
+
+def test_test_folder_rule_dot_files_skipped_and_upper_case_suffix_read(raw, tmp_path):
+    """One rule for which files are test images (load and `pipeline validate` share it)."""
+    from pipeline.layouts import list_test_images
+
+    (raw / "test" / "._1.tif").write_bytes(b"AppleDouble resource fork")
+    (raw / "test" / ".DS_Store").write_bytes(b"\0")
+    shutil.copy(raw / "test" / "1.tif", raw / "test" / "7.TIF")
+    listed = list_test_images(raw / "test", DataParams())
+    assert [i for i, _ in listed] == ["1", "2", "3", "4", "5", "6", "7"]
+    assert listed[-1][1].name == "7.TIF"
+    assert _run(raw, tmp_path)["test_images"] == 7
+    ids = load.read_manifest(tmp_path / "interim").query("split == 'test'").id.tolist()
+    assert ids == ["1", "2", "3", "4", "5", "6", "7"]
+
+
+def test_unreadable_test_folder_is_one_error_naming_it(raw, tmp_path, monkeypatch):
+    """Root ignores chmod 000, so the refusal is simulated where the folder is listed."""
+    real_iterdir = type(raw).iterdir
+    test_dir = raw / "test"
+
+    def iterdir(self):
+        if self == test_dir:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(type(raw), "iterdir", iterdir)
+    with pytest.raises(InputError) as info:
+        _run(raw, tmp_path)
+    assert str(info.value) == (f"1 problem(s) in the input data:\n  - {test_dir}: folder not readable "
+                               "(Permission denied)")
+
+
+def test_every_problem_is_listed_at_once(raw, tmp_path):
+    """A truncated image, a mask of value 7 and an image of the wrong size: all three, in one error."""
+    image = raw / "train" / "1_3.tif"
+    image.write_bytes(image.read_bytes()[:300])
+    Image.fromarray(np.full((96, 128), 7, np.uint8)).save(raw / "train" / "2_4_mask.tif")
+    Image.fromarray(np.zeros((50, 60), np.uint8)).save(raw / "train" / "2_2.tif")
+    _expect_error(raw, tmp_path, "3 problem(s)", "1_3.tif: unreadable or truncated", "2_4_mask.tif: mask values [7]",
+                  "2_2.tif: size 50x60 differs")
+
+
+@pytest.mark.parametrize("mode, fragment", [
+    ("P", "palette (P) mask with values [0, 1, 2]; palette/class-index masks are not supported yet"
+          " \u2014 expected a single-channel binary mask"),
+    ("LA", "LA (grayscale+alpha) mask; expected a single-channel binary mask"),
+])
+def test_palette_and_la_masks_say_what_they_are(raw, tmp_path, mode, fragment):
+    mask = np.zeros((96, 128), np.uint8)
+    mask[10:20, 10:20], mask[30:40, 30:40] = 1, 2
+    if mode == "P":
+        img = Image.fromarray(mask, "L").convert("P")
+        img.putpalette([0, 0, 0, 255, 255, 255, 255, 0, 0])
+    else:
+        img = Image.fromarray(np.stack([mask * 255, np.full_like(mask, 255)], axis=2), "LA")
+    img.save(raw / "train" / "2_5_mask.tif")
+    _expect_error(raw, tmp_path, f"2_5_mask.tif: {fragment}")

@@ -56,3 +56,26 @@ def test_checkpoint_for_another_config_is_refused(tmp_path) -> None:
     other = dataclasses.replace(TINY, decoder_channels=(32, 16, 8))
     with pytest.raises(CheckpointError, match="decoder_channels"):
         load_checkpoint(tmp_path / "m.pt", expect=other)
+
+
+def test_unknown_encoder_names_the_key_and_close_names() -> None:
+    from pipeline.params import ParamsError
+
+    with pytest.raises(ParamsError, match=r"^train.encoder: unknown encoder 'resnet81'; did you mean resnet18") as err:
+        build_model(dataclasses.replace(TINY, encoder="resnet81"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ParamsError, match=r"train.encoder: unknown encoder 'tu-resnet188'; did you mean tu-resnet18"):
+        build_model(dataclasses.replace(TINY, encoder="tu-resnet188"))
+
+
+def test_checkpoints_hold_plain_data_only(tmp_path) -> None:
+    """numpy values are converted when saving; objects that would need code to unpickle are refused then."""
+    model = build_model(TINY)
+    save_checkpoint(tmp_path / "m.pt", model, TINY, {"mean": np.float64(0.3), "std": 0.2},
+                    extra={"a": np.arange(3), "b": np.int64(4), "c": (1, None, "x")})
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    assert type(state["norm"]["mean"]) is float and state["extra"]["b"] == 4 and type(state["extra"]["b"]) is int
+    assert torch.equal(state["extra"]["a"], torch.arange(3)) and state["extra"]["c"] == (1, None, "x")
+    with pytest.raises(TypeError, match=r"checkpoint\['extra'\]: a TrainParams cannot go into a checkpoint"):
+        save_checkpoint(tmp_path / "bad.pt", model, TINY, {"mean": 0.3, "std": 0.2}, extra=TINY)
+    assert not (tmp_path / "bad.pt").exists()

@@ -13,7 +13,7 @@ from pipeline.io import InputError
 from pipeline.load import open_arrays
 from pipeline.metrics import dice_per_image
 from pipeline.model import CheckpointError, build_model, save_checkpoint
-from pipeline.params import PredictParams, TrainParams
+from pipeline.params import Params, PredictParams, TrainParams
 from pipeline.postprocess import Thresholds
 from pipeline.rle import SubmissionError
 
@@ -38,8 +38,8 @@ def _thresholds(tmp_path, t: Thresholds):
 
 
 def _run(tiny_interim, models, raw, tmp_path, t: Thresholds, p=PredictParams(batch_size=4)):
-    return predict.run(tiny_interim, models, _thresholds(tmp_path, t), raw, tmp_path / "sub" / "submission.csv",
-                       tmp_path / "metrics.json", p)
+    return predict.run(Params(predict=p), interim=tiny_interim, models=models, thresholds=_thresholds(tmp_path, t),
+                       raw=raw, out=tmp_path / "sub" / "submission.csv", metrics=tmp_path / "metrics.json")
 
 
 def _truth(tiny_raw):
@@ -116,8 +116,8 @@ def test_missing_inputs_are_clear_errors(tiny_interim, tiny_raw, models, tmp_pat
     with pytest.raises(CheckpointError, match="no fold_.*best.pt"):
         _run(tiny_interim, tmp_path / "nothing", tiny_raw, tmp_path, Thresholds())
     with pytest.raises(InputError, match="thresholds file not found"):
-        predict.run(tiny_interim, models, tmp_path / "absent.json", tiny_raw, tmp_path / "s.csv",
-                    tmp_path / "m.json", PredictParams())
+        predict.run(Params(), interim=tiny_interim, models=models, thresholds=tmp_path / "absent.json", raw=tiny_raw,
+                    out=tmp_path / "s.csv", metrics=tmp_path / "m.json")
     wrong = tmp_path / "wrong"
     shutil.copytree(models, wrong / "train")
     save_checkpoint(wrong / "train" / "fold_1" / "best.pt", build_model(TINY), TrainParams(

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pipeline import report
 from pipeline.load import open_arrays, read_manifest
-from pipeline.params import ReportParams
+from pipeline.params import Params, ReportParams
 from pipeline.postprocess import keep
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
@@ -214,3 +214,39 @@ def test_page_renders_in_headless_chromium(run_dir, tiny_interim):
     assert out.returncode == 0 and shot.exists()
     with Image.open(shot) as img:
         assert img.size == (1280, 2400) and len(img.convert("L").getcolors(256) or ()) > 50  # not a blank page
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5), (4, 1)])
+def test_report_on_tiny_images_skips_the_outlines_it_cannot_draw(tmp_path, shape):
+    """Images under 2x2 pixels: matplotlib cannot contour them (TypeError); the page still renders."""
+    from pipeline import load
+    from pipeline.io import write_tiff
+    from pipeline.params import DataParams
+
+    raw = tmp_path / "raw"
+    for s in (1, 2):
+        for i in (1, 2, 3):
+            mask = np.zeros(shape, np.uint8)
+            if i != 3:  # nerves found and, with presence below, missed and false positives
+                mask.flat[0] = 255
+            write_tiff(raw / "train" / f"{s}_{i}.tif", np.full(shape, 40 * i, np.uint8))
+            write_tiff(raw / "train" / f"{s}_{i}_mask.tif", mask)
+    write_tiff(raw / "test" / "1.tif", np.zeros(shape, np.uint8))
+    interim = tmp_path / "interim"
+    load.run(Params(), raw=raw, out=interim, metrics=tmp_path / "load.json")
+    train = read_manifest(interim).query("split == 'train'")
+    _, masks = open_arrays(interim, "train")
+    prob = np.asarray(masks[train.row.to_numpy()], np.float32)
+    presence = train.has_mask.astype(bool).to_numpy().astype(np.float32)
+    presence[[0, 2]] = 1 - presence[[0, 2]]  # one nerve missed, one false positive:
+    prob[2] = 1.0  # an empty image predicted all foreground
+    (tmp_path / "oof").mkdir()
+    np.savez(tmp_path / "oof" / "oof.npz", ids=train.id.to_numpy().astype(str), mask_prob=prob,
+             presence_prob=presence)
+    (tmp_path / "thresholds.json").write_text('{"pixel": 0.5, "presence": 0.5, "min_area": 0}')
+    (tmp_path / "params.yaml").write_text("clean:\n  policy: none\n")
+    page, summary = _run(tmp_path, interim)
+    for title in ("Nerves found: from best to worst Dice (3)", "False positives on empty images: most confident "
+                  "first (1)", "Missed nerves: largest first (1)", "presence >= 0.5"):
+        assert title in summary, title
+    assert page.count("data:image/png;base64,") == 4  # the confusion matrix and three gallery rows

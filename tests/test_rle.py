@@ -191,3 +191,103 @@ def test_validate_cli(tmp_path):
     bad.write_text("img,pixels\n1,0 1\n2,\n3,\n")
     result = runner.invoke(app, ["validate", str(bad), "--test-dir", str(test_dir), "--height", "3", "--width", "4"])
     assert result.exit_code == 1 and "below 1" in result.output and "Traceback" not in result.output
+
+
+def test_validator_line_numbers_count_blank_lines(tmp_path):
+    """Blank lines are skipped, but still counted: the error names the line the bad row is on."""
+    path = _write(tmp_path, 'img,pixels\n\n1,\n\n\n2,0 1\n"3",\n\n9,\n')
+    with pytest.raises(SubmissionError) as info:
+        rle.validate_submission(path, ["1", "2", "3"], (3, 4))
+    assert "line 6: id 2: start 0 is below 1" in str(info.value)
+    assert "2 problem(s)" in str(info.value) and "1 id(s) not in the test set, e.g. 9" in str(info.value)
+    quoted = _write(tmp_path, 'img,pixels\n"a\nb",\n\nc,0 1\n')  # a quoted field spanning two lines
+    with pytest.raises(SubmissionError, match="line 2: id 'a\\\\nb' contains a line break"):
+        rle.validate_submission(quoted, None, (3, 4), numeric_ids=False)
+    with pytest.raises(SubmissionError, match="line 5: id c: start 0"):
+        rle.validate_submission(quoted, None, (3, 4), numeric_ids=False)
+
+
+def test_validator_refuses_a_folder_and_a_header_with_one_name_twice(tmp_path):
+    with pytest.raises(SubmissionError, match="is a folder, not a CSV file"):
+        rle.validate_submission(tmp_path)
+    path = _write(tmp_path, "img,img\n1,\n")
+    with pytest.raises(SubmissionError, match="two different column names.*'img,img'.*data.submission_columns"):
+        rle.validate_submission(path, ["1"], (3, 4), columns=("img", "img"))
+
+
+@pytest.mark.parametrize("img", ["a,b", 'q"x', 'both,"', " spaced ", "ü,ñ"])
+def test_submission_writer_quotes_fields_for_a_round_trip(tmp_path, img):
+    import pandas as pd
+
+    path = tmp_path / "sub.csv"
+    rows = [(img, "1 2"), ("plain", "")]
+    rle.write_submission(path, rows, ("id", "rle_mask"))
+    assert rle.validate_submission(path, [img, "plain"], (3, 4), columns=("id", "rle_mask"), numeric_ids=False) == 2
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    assert list(table.columns) == ["id", "rle_mask"] and list(table.itertuples(index=False, name=None)) == rows
+    assert rle.read_rows(path)[1:] == [list(r) for r in rows]
+
+
+def test_one_numeric_id_rule_and_the_id_check():
+    from pipeline.params import DataParams
+
+    assert rle.numeric_ids(DataParams()) and rle.numeric_ids(DataParams(layout="ultrasound"))
+    assert not rle.numeric_ids(DataParams(layout="folders")) and not rle.numeric_ids(DataParams(layout="csv"))
+    rle.check_ids(["1", "2", "10"], True, "m.csv")
+    rle.check_ids(["a,b", 'q"x'], False, "m.csv")
+    with pytest.raises(SubmissionError, match=r"(?s)m\.csv: 1 image id.*plain numbers.*id '3a' is not a numeric id"):
+        rle.check_ids(["1", "3a"], True, "m.csv")
+    with pytest.raises(SubmissionError, match=r"id 'a\\nb' contains a line break"):
+        rle.check_ids(["a\nb"], False, "m.csv")
+    with pytest.raises(SubmissionError, match=r"2 id.s. listed more than once: '1', '2'"):
+        rle.check_ids(["1", "2", "1", "2", "3"], True, "m.csv")
+    with pytest.raises(SubmissionError, match="not valid UTF-8"):
+        rle.check_ids(["bad\udcff"], False, "m.csv")
+    assert sorted(["10", "b", "2", "a"], key=rle.id_sort_key) == ["2", "10", "a", "b"]
+
+
+def _test_dir(tmp_path, shape=(3, 4)):
+    from pipeline.io import write_tiff
+
+    test_dir = tmp_path / "test"
+    for i in (1, 2, 3):
+        write_tiff(test_dir / f"{i}.tif", np.zeros(shape, np.uint8))
+    (test_dir / "._1.tif").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # macOS AppleDouble: not an image
+    return test_dir
+
+
+def test_validate_against_test_images_skips_dot_files_and_reads_their_size(tmp_path):
+    from pipeline.params import DataParams
+
+    test_dir = _test_dir(tmp_path)
+    assert rle.validate_submission_file(_write(tmp_path, GOOD), test_dir=test_dir, data=DataParams()) == 3
+    bad = tmp_path / "bad.csv"
+    bad.write_text("img,pixels\n1,12 2\n2,\n3,\n")
+    with pytest.raises(SubmissionError, match="ends past the image .12 pixels."):  # 3x4, not 420x580
+        rle.validate_submission_file(bad, test_dir=test_dir, data=DataParams())
+    assert rle.validate_submission_file(bad, test_dir=test_dir, height=3, width=5, data=DataParams()) == 3
+
+
+@pytest.mark.parametrize("size, message", [
+    ({"height": -5}, "--height must be a positive whole number of pixels, got -5"),
+    ({"width": 0}, "--width must be a positive whole number of pixels, got 0"),
+    ({"height": 3, "width": 0}, "--width must be a positive"),
+])
+def test_validate_against_refuses_sizes_that_are_not_positive(tmp_path, size, message):
+    from pipeline.io import InputError
+
+    with pytest.raises(InputError, match=message):
+        rle.validate_submission_file(_write(tmp_path, GOOD), **size)
+
+
+def test_validate_against_uses_the_data_conventions(tmp_path):
+    from pipeline.params import DataParams
+
+    path = _write(tmp_path, "id,rle_mask\nab,0 12\n")
+    data = DataParams(layout="folders", submission_columns=("id", "rle_mask"), rle_start=0)
+    assert rle.validate_submission_file(path, height=3, width=4, data=data) == 1
+    with pytest.raises(SubmissionError, match="'ab' is not a numeric id"):  # the ultrasound layout's rule
+        rle.validate_submission_file(path, height=3, width=4,
+                                        data=DataParams(submission_columns=("id", "rle_mask"), rle_start=0))
+    with pytest.raises(SubmissionError, match="is a folder"):
+        rle.validate_submission_file(tmp_path, data=data)

@@ -3,7 +3,7 @@ import pandas as pd
 from PIL import Image
 
 from pipeline import rle, synth
-from pipeline.params import SynthParams
+from pipeline.params import Params, SynthParams
 
 
 def _read(path):
@@ -24,7 +24,7 @@ def test_kaggle_layout_and_format(tiny_raw):
 
 
 def test_default_size_is_kaggle_size(tmp_path):
-    synth.run(SynthParams(subjects=2, frames_per_subject=2, test_images=1), seed=0, out_dir=tmp_path / "d")
+    synth.run(Params(seed=0, synth=SynthParams(subjects=2, frames_per_subject=2, test_images=1)), out=tmp_path / "d")
     _, image = _read(tmp_path / "d" / "train" / "1_1.tif")
     assert image.shape == (420, 580)
 
@@ -62,9 +62,9 @@ def test_test_truth_decodes_to_plausible_masks(tiny_raw):
 
 def test_deterministic_from_seed(tmp_path):
     p = SynthParams(subjects=2, frames_per_subject=3, test_images=2, height=64, width=64)
-    synth.run(p, seed=1, out_dir=tmp_path / "a")
-    synth.run(p, seed=1, out_dir=tmp_path / "b")
-    synth.run(p, seed=2, out_dir=tmp_path / "c")
+    synth.run(Params(seed=1, synth=p), out=tmp_path / "a")
+    synth.run(Params(seed=1, synth=p), out=tmp_path / "b")
+    synth.run(Params(seed=2, synth=p), out=tmp_path / "c")
     a, b, c = (_read(tmp_path / d / "train" / "2_3.tif")[1] for d in "abc")
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
@@ -72,6 +72,6 @@ def test_deterministic_from_seed(tmp_path):
 def test_empty_fraction_near_target(tmp_path):
     p = SynthParams(subjects=6, frames_per_subject=40, test_images=1, height=64, width=80,
                     empty_fraction=0.58, label_noise=0.12)
-    summary = synth.run(p, seed=3, out_dir=tmp_path / "d")
+    summary = synth.run(Params(seed=3, synth=p), out=tmp_path / "d")
     assert 0.45 <= summary["train_empty_fraction"] <= 0.7
     assert summary["corrupted"] > 0

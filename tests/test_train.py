@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from pipeline import augment, train
 from pipeline.cli import app
 from pipeline.load import read_manifest
-from pipeline.params import AugmentParams, TrainParams
+from pipeline.params import AugmentParams, Params, TrainParams
 
 TINY = TrainParams(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 4), height=64, width=64,
                    epochs=2, batch_size=8, folds=3, train_folds=1, lr=3e-3)
@@ -33,8 +33,8 @@ def inputs(tiny_interim: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 def _run(t: TrainParams, inputs: dict[str, Path], out: Path, manifest: Path | None = None) -> dict:
-    return train.run(t, 5, inputs["interim"], manifest or inputs["manifest"], inputs["augment"], out / "models",
-                     out / "oof", out / "reports")
+    return train.run(Params(seed=5, train=t), interim=inputs["interim"], manifest=manifest or inputs["manifest"],
+                     augment=inputs["augment"], models=out / "models", oof=out / "oof", reports=out / "reports")
 
 
 # ---------------------------------------------------------------- folds
@@ -125,8 +125,9 @@ def trained(inputs, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dic
 def test_stage_writes_checkpoints_oof_and_dvclive_metrics(inputs, trained) -> None:
     out, summary = trained
     for name in ("best.pt", "last.pt"):
-        state = torch.load(out / "models" / "fold_0" / name, weights_only=False)
+        state = torch.load(out / "models" / "fold_0" / name, weights_only=True)  # plain data only
         assert state["config"]["encoder_depth"] == 3 and set(state["norm"]) == {"mean", "std"}
+    assert sorted(p.name for p in (out / "models").rglob("*.pt")) == ["best.pt", "last.pt"]
     oof = np.load(out / "oof" / "oof.npz")
     assert set(oof.files) == {"ids", "mask_prob", "presence_prob"}
     n = len(oof["ids"])
@@ -157,12 +158,13 @@ def test_resume_after_interruption_ends_with_the_same_weights(inputs, trained, t
     monkeypatch.setattr(train, "train_epoch", killed_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
         _run(TINY, inputs, tmp_path)
-    assert torch.load(tmp_path / "models" / "fold_0" / "last.pt", weights_only=False)["epoch"] == 1
+    killed = torch.load(tmp_path / "models" / "fold_0" / "last.pt", weights_only=True)
+    assert killed["epoch"] == 1 and {"optimizer", "scheduler", "rng"} <= set(killed)  # mid-fold: all to resume
     monkeypatch.setattr(train, "train_epoch", real)
     _run(TINY, inputs, tmp_path)
     assert "resuming after epoch 1 of 2" in capsys.readouterr().err
-    whole = torch.load(trained[0] / "models" / "fold_0" / "last.pt", weights_only=False)
-    cut = torch.load(tmp_path / "models" / "fold_0" / "last.pt", weights_only=False)
+    whole = torch.load(trained[0] / "models" / "fold_0" / "last.pt", weights_only=True)
+    cut = torch.load(tmp_path / "models" / "fold_0" / "last.pt", weights_only=True)
     assert whole["model"].keys() == cut["model"].keys()
     for key, value in whole["model"].items():
         assert torch.equal(value, cut["model"][key]), key
@@ -172,12 +174,49 @@ def test_resume_after_interruption_ends_with_the_same_weights(inputs, trained, t
     assert len(curve.splitlines()) == 1 + TINY.epochs  # the resumed run re-logs the epoch it did not train
 
 
+def test_finished_fold_keeps_no_optimizer_state(trained) -> None:
+    """Once a fold is done only best.pt (prediction) and a weights-only last.pt (its hash and history
+    tell a re-run the fold is finished) stay: no optimizer, scheduler or RNG state anywhere."""
+    fold = trained[0] / "models" / "fold_0"
+    best, last = (torch.load(fold / name, weights_only=True) for name in ("best.pt", "last.pt"))
+    for state in (best, last):
+        assert not {"optimizer", "scheduler", "rng"} & set(state), sorted(state)
+    assert last["epoch"] == TINY.epochs and len(last["history"]) == TINY.epochs and last["run_hash"]
+    weights = sum(v.numel() * v.element_size() for v in best["model"].values())
+    for name in ("best.pt", "last.pt"):  # AdamW's two moments would make last.pt ~3x the weights
+        assert (fold / name).stat().st_size < 1.2 * weights, name
+
+
+def test_rerun_with_the_same_inputs_skips_the_finished_fold(inputs, trained, tmp_path, monkeypatch,
+                                                            capsys) -> None:
+    shutil.copytree(trained[0] / "models", tmp_path / "models")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "models" / "fold_0").iterdir()}
+    monkeypatch.setattr(train, "train_epoch", lambda *a, **k: pytest.fail("a finished fold was trained again"))
+    summary = _run(TINY, inputs, tmp_path)
+    err = capsys.readouterr().err
+    assert f"resuming after epoch {TINY.epochs} of {TINY.epochs}" in err and "starting this fold over" not in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "models" / "fold_0").iterdir()} == before
+    assert summary["dice"] == trained[1]["dice"]
+    a, b = np.load(trained[0] / "oof" / "oof.npz"), np.load(tmp_path / "oof" / "oof.npz")
+    assert np.array_equal(a["mask_prob"], b["mask_prob"])
+
+
+def test_unknown_encoder_is_one_clear_error_before_any_work(inputs, tmp_path) -> None:
+    from pipeline.params import ParamsError
+
+    with pytest.raises(ParamsError, match=r"train.encoder: unknown encoder 'resnet81'; did you mean resnet18"):
+        train.run(Params(seed=5, train=dataclasses.replace(TINY, encoder="resnet81")), interim=tmp_path / "missing",
+                  manifest=tmp_path / "missing.csv", augment=inputs["augment"], models=tmp_path / "models",
+                  oof=tmp_path / "oof", reports=tmp_path / "reports")
+    assert not (tmp_path / "models").exists()
+
+
 def test_changed_params_start_over_instead_of_resuming(inputs, trained, tmp_path, capsys) -> None:
     shutil.copytree(trained[0] / "models", tmp_path / "models")
     _run(dataclasses.replace(TINY, lr=1e-3), inputs, tmp_path)
     err = capsys.readouterr().err
     assert "other train params or inputs; starting this fold over" in err and "resuming" not in err
-    state = torch.load(tmp_path / "models" / "fold_0" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "models" / "fold_0" / "last.pt", weights_only=True)
     assert len(state["history"]) == TINY.epochs
 
 
@@ -192,7 +231,7 @@ def test_cli_prints_training_errors_without_a_traceback(inputs, tmp_path) -> Non
     manifest = pd.read_csv(inputs["manifest"], dtype={"id": str})
     manifest[manifest.subject == manifest.subject.iloc[0]].to_csv(tmp_path / "one_subject.csv", index=False)
     params = tmp_path / "params.yaml"
-    params.write_text("train:\n  folds: 3\n")
+    params.write_text("train:\n  folds: 3\n  train_folds: 1\n")
     result = CliRunner().invoke(app, ["train", "--interim", str(inputs["interim"]), "--manifest",
                                       str(tmp_path / "one_subject.csv"), "--augment", str(inputs["augment"]),
                                       "--models", str(tmp_path / "m"), "--oof", str(tmp_path / "o"),

@@ -12,7 +12,7 @@ from pipeline.io import InputError
 from pipeline.load import open_arrays, read_manifest
 from pipeline.metrics import mean_dice
 from pipeline.model import to_native
-from pipeline.params import ParamsError, TuneParams, parse_params
+from pipeline.params import Params, ParamsError, TuneParams, parse_params
 from pipeline.postprocess import Thresholds, apply
 
 PLANTED = TuneParams(pixel_thresholds=(0.5, 0.3, 0.4), presence_thresholds=(0.6, 0.7, 0.8), min_areas=(0, 50, 120))
@@ -91,7 +91,8 @@ def _oof(tiny_interim, path, ids=None, size=(48, 64)):
 
 def test_run_writes_thresholds_table_plots_and_metrics(tiny_interim, tmp_path):
     train = _oof(tiny_interim, tmp_path / "oof", ids=None)
-    metrics = tune.run(tmp_path / "oof", tiny_interim, tmp_path / "thresholds.json", tmp_path / "reports", TuneParams())
+    metrics = tune.run(Params(), oof=tmp_path / "oof", interim=tiny_interim, out=tmp_path / "thresholds.json",
+                       reports=tmp_path / "reports")
     chosen = json.loads((tmp_path / "thresholds.json").read_text())
     assert set(chosen) == {"pixel", "presence", "min_area"}
     grid = pd.read_csv(tmp_path / "reports" / "grid.csv")
@@ -111,7 +112,8 @@ def test_run_writes_thresholds_table_plots_and_metrics(tiny_interim, tmp_path):
 
 def test_run_uses_only_the_ids_in_the_oof(tiny_interim, tmp_path):
     _oof(tiny_interim, tmp_path / "oof", ids=["1_1", "2_3", "3_10"])
-    assert tune.run(tmp_path / "oof", tiny_interim, tmp_path / "t.json", tmp_path / "r", PLANTED)["images"] == 3
+    assert tune.run(Params(tune=PLANTED), oof=tmp_path / "oof", interim=tiny_interim, out=tmp_path / "t.json",
+                    reports=tmp_path / "r")["images"] == 3
 
 
 @pytest.mark.parametrize("breakage, message", [
@@ -136,7 +138,7 @@ def test_bad_oof_is_a_clear_input_error(tiny_interim, tmp_path, breakage, messag
             data["ids"] = data["ids"].astype(object)
         np.savez(oof / "oof.npz", **data)
     with pytest.raises(InputError, match=message):
-        tune.run(oof, tiny_interim, tmp_path / "t.json", tmp_path / "r", PLANTED)
+        tune.run(Params(tune=PLANTED), oof=oof, interim=tiny_interim, out=tmp_path / "t.json", reports=tmp_path / "r")
     assert not (tmp_path / "t.json").exists()
 
 
@@ -165,3 +167,21 @@ def test_tune_cli(tiny_interim, tmp_path):
     result = CliRunner().invoke(app, args[:2] + [str(tmp_path / "nope")] + args[3:])
     assert result.exit_code == 1 and "out-of-fold predictions not found" in result.output
     assert "Traceback" not in result.output
+
+
+def test_duplicate_oof_ids_name_the_file_and_up_to_five_ids(tiny_interim, tmp_path):
+    _oof(tiny_interim, tmp_path / "oof")
+    data = dict(np.load(tmp_path / "oof" / "oof.npz"))
+    ids = data["ids"].copy()
+    ids[10:17] = ids[:7]  # 7 ids twice: only 5 are named
+    np.savez(tmp_path / "oof" / "oof.npz", **(data | {"ids": ids}))
+    with pytest.raises(InputError) as info:
+        tune.run(Params(tune=PLANTED), oof=tmp_path / "oof", interim=tiny_interim, out=tmp_path / "t.json",
+                 reports=tmp_path / "r")
+    text = str(info.value)
+    assert str(tmp_path / "oof" / "oof.npz") in text and "7 id(s) appear more than once" in text
+    named = sorted(ids[:7])[:5]
+    assert f"e.g. {', '.join(named)} (" in text and sorted(ids[:7])[5] not in text
+    assert not (tmp_path / "t.json").exists()
+    with pytest.raises(InputError, match="2 OOF id.s. appear more than once, e.g. 1_1, 1_2"):
+        tune.train_rows(tiny_interim, np.array(["1_1", "1_2", "1_1", "1_2", "1_3"]))

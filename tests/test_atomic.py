@@ -1,0 +1,259 @@
+"""Outputs never delete what a stage did not write, and a stage's outputs are one commit."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from pipeline.atomic import LEDGER, Output, atomic_dir, atomic_path, check_paths, owner, stage_commit
+from pipeline.cli import app
+from pipeline.errors import InputError
+
+
+def cli(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file under `root` (or `root` itself) with its bytes: what must survive a refused run."""
+    if root.is_file():
+        return {"": root.read_bytes()}
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def dataset(tiny_raw: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny dataset, with a precious sibling file beside it."""
+    ds = tmp_path / "work" / "DS"
+    shutil.copytree(tiny_raw, ds)
+    (tmp_path / "work" / "notes.txt").write_text("my notes")
+    return ds
+
+
+def assert_refused(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], (fragment, errors[0])
+
+
+def test_load_refuses_to_write_over_its_own_dataset(dataset: Path) -> None:
+    before = tree_bytes(dataset)
+    result = cli("load", "--raw", dataset, "--out", dataset, "--metrics", dataset.parent / "m.json")
+    assert_refused(result, f"--out {dataset} is the input --raw {dataset}")
+    assert tree_bytes(dataset) == before and not (dataset.parent / "m.json").exists()
+
+
+def test_load_refuses_an_output_that_contains_the_dataset(dataset: Path) -> None:
+    work = dataset.parent
+    before = tree_bytes(work)
+    result = cli("load", "--raw", dataset, "--out", work, "--metrics", work.parent / "m.json")
+    assert_refused(result, f"--out {work} contains the input --raw {dataset}")
+    assert tree_bytes(work) == before
+
+
+def test_load_refuses_an_output_inside_the_dataset(dataset: Path) -> None:
+    result = cli("load", "--raw", dataset, "--out", dataset / "interim", "--metrics", dataset.parent / "m.json")
+    assert_refused(result, "lies inside the input --raw")
+    assert not (dataset / "interim").exists()
+
+
+def test_a_folder_output_never_replaces_a_users_file(tiny_interim: Path, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    result = cli("dedup", "--interim", tiny_interim, "--out", notes, "--reports", tmp_path / "reports")
+    assert_refused(result, f"{notes} already exists and was not written by the dedup stage")
+    assert notes.read_text() == "precious" and not (tmp_path / "reports").exists()
+
+
+def test_metrics_path_that_is_a_folder_is_refused_before_any_work(dataset: Path, tmp_path: Path) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "keep.txt").write_text("x")
+    result = cli("load", "--raw", dataset, "--out", tmp_path / "interim", "--metrics", tmp_path / "m")
+    assert_refused(result, f"--metrics {tmp_path / 'm'} already exists and was not written by the load stage")
+    assert not (tmp_path / "interim").exists(), "load wrote --out before checking --metrics"
+
+
+def test_an_output_under_a_file_is_refused_before_any_work(dataset: Path, tmp_path: Path) -> None:
+    (tmp_path / "plain").write_text("a file, not a folder")
+    result = cli("load", "--raw", dataset, "--out", tmp_path / "plain" / "interim", "--metrics", tmp_path / "m.json")
+    assert_refused(result, f"{tmp_path / 'plain'} is not a folder")
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_a_rerun_replaces_its_own_outputs_but_not_another_stages(dataset: Path, tmp_path: Path) -> None:
+    args = ["load", "--raw", dataset, "--out", tmp_path / "interim", "--metrics", tmp_path / "m.json"]
+    assert cli(*args).exit_code == 0
+    assert owner(tmp_path / "interim") == "load" and owner(tmp_path / "m.json") == "load"
+    assert cli(*args).exit_code == 0, "a stage may replace what it wrote itself"
+    result = cli("synth", "--out", tmp_path / "interim")
+    assert_refused(result, f"{tmp_path / 'interim'} was written by the load stage, not synth")
+
+
+def test_an_empty_folder_may_become_an_output(dataset: Path, tmp_path: Path) -> None:
+    (tmp_path / "interim").mkdir()
+    result = cli("load", "--raw", dataset, "--out", tmp_path / "interim", "--metrics", tmp_path / "m.json")
+    assert result.exit_code == 0, result.output
+
+
+# ---------------------------------------------------------------- property: no input byte is ever lost
+
+NAMES = ("a", "b", "c")
+
+
+def _build_tree(root: Path, shape: list[tuple[int, ...]]) -> list[Path]:
+    """Folders and files under root from index paths; returns every created path."""
+    created = []
+    for indices in shape:
+        path = root.joinpath(*(NAMES[i] for i in indices))
+        if path.exists() or any(p.is_file() for p in path.parents if root in p.parents):
+            continue
+        if len(indices) % 2:
+            path.mkdir(parents=True, exist_ok=True)
+            (path / "data.bin").write_bytes(os.urandom(8))
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(os.urandom(8))
+        created.append(path)
+    return created
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=3).map(tuple), min_size=1, max_size=6),
+       picks=st.lists(st.tuples(st.integers(0, 99), st.sampled_from(["same", "parent", "child", "new"]),
+                                st.sampled_from(["replace", "folder", "persist"])), min_size=1, max_size=3),
+       input_pick=st.integers(0, 99), write_inside=st.booleans())
+def test_no_input_byte_is_ever_lost_whatever_the_nesting(tmp_path_factory, shape, picks, input_pick,
+                                                        write_inside) -> None:
+    root = tmp_path_factory.mktemp("nest")
+    created = _build_tree(root, shape)
+    candidates = [root, *created]
+    precious = tree_bytes(root)
+    inputs = {"raw": candidates[input_pick % len(candidates)]}
+    outputs = {}
+    for k, (pick, relation, role) in enumerate(picks):
+        base = candidates[pick % len(candidates)]
+        path = {"same": base, "parent": base.parent, "child": base / "out", "new": root / f"new{k}"}[relation]
+        outputs[f"out{k}"] = Output(path, role)
+    try:
+        check_paths("stage", inputs=inputs, outputs=outputs)
+        with stage_commit("stage", immediate=[o.path for o in outputs.values() if o.role == "persist"]):
+            for out in outputs.values():
+                if out.role == "replace":
+                    with atomic_dir(out.path) as tmp:
+                        (tmp / "result").write_text("new")
+                else:
+                    with atomic_path(out.path / ("result" if write_inside else "data.bin")) as tmp:
+                        tmp.write_text("new")
+    except InputError:
+        pass
+    after = tree_bytes(root)
+    lost = {name: data for name, data in precious.items() if after.get(name) != data}
+    assert not lost, (inputs, outputs, sorted(lost))
+
+
+# ---------------------------------------------------------------- one commit
+
+def _three_outputs(folder: Path, text: str) -> None:
+    with atomic_dir(folder / "out") as tmp:
+        (tmp / "pairs.csv").write_text(text)
+    with atomic_path(folder / "metrics.json") as tmp:
+        tmp.write_text(text)
+    with atomic_path(folder / "reports" / "gallery.png") as tmp:
+        tmp.write_text(text)
+
+
+def _contents(folder: Path) -> list[str | None]:
+    paths = (folder / "out" / "pairs.csv", folder / "metrics.json", folder / "reports" / "gallery.png")
+    return [p.read_text() if p.exists() else None for p in paths]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_a_failure_at_any_rename_of_the_commit_leaves_all_old_outputs(tmp_path, monkeypatch, k) -> None:
+    with stage_commit("dedup"):
+        _three_outputs(tmp_path, "old")
+    real, seen = os.replace, [0]
+
+    def failing(src, dst, *args, **kwargs):
+        if ".pid" in Path(src).name and not Path(src).name.endswith(".old.tmp") and Path(dst).name != LEDGER:
+            seen[0] += 1
+            if seen[0] == k:
+                raise KeyboardInterrupt
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(KeyboardInterrupt):
+        with stage_commit("dedup"):
+            _three_outputs(tmp_path, "new")
+    assert _contents(tmp_path) == ["old"] * 3
+    assert sorted(tmp_path.rglob(".*.tmp")) == []
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_commit_takes_effect_after_it(tmp_path, monkeypatch, k, sig) -> None:
+    with stage_commit("dedup"):
+        _three_outputs(tmp_path, "old")
+    real, seen = os.replace, [0]
+
+    def signalled(src, dst, *args, **kwargs):
+        if ".pid" in Path(src).name and Path(dst).name != LEDGER:
+            seen[0] += 1
+            if seen[0] == k:
+                os.kill(os.getpid(), sig)
+        return real(src, dst, *args, **kwargs)
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    monkeypatch.setattr(os, "replace", signalled)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(KeyboardInterrupt if sig == signal.SIGINT else SystemExit):
+            with stage_commit("dedup"):
+                _three_outputs(tmp_path, "new")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert _contents(tmp_path) == ["new"] * 3
+    assert sorted(tmp_path.rglob(".*.tmp")) == []
+
+
+def test_nothing_is_published_when_the_stage_fails(tmp_path) -> None:
+    with pytest.raises(RuntimeError):
+        with stage_commit("dedup"):
+            _three_outputs(tmp_path, "new")
+            raise RuntimeError("late failure")
+    assert _contents(tmp_path) == [None] * 3 and sorted(tmp_path.rglob(".*.tmp")) == []
+
+
+def test_a_commit_refuses_to_replace_a_file_no_stage_wrote(tmp_path) -> None:
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "gallery.png").write_text("the user's picture")
+    with pytest.raises(InputError, match="gallery.png already exists and was not written by the dedup stage"):
+        with stage_commit("dedup"):
+            _three_outputs(tmp_path, "new")
+    assert _contents(tmp_path) == [None, None, "the user's picture"]
+
+
+def test_persistent_folders_are_written_at_once(tmp_path) -> None:
+    with pytest.raises(RuntimeError):
+        with stage_commit("train", immediate=[tmp_path / "models"]):
+            with atomic_path(tmp_path / "models" / "last.pt") as tmp:
+                tmp.write_text("epoch 1")
+            raise RuntimeError("killed mid-training")
+    assert (tmp_path / "models" / "last.pt").read_text() == "epoch 1"
+
+
+def test_ledgers_are_small_and_readable(tmp_path) -> None:
+    with stage_commit("dedup"):
+        _three_outputs(tmp_path, "x")
+    ledger = (tmp_path / LEDGER).read_text()
+    assert '"metrics.json": "dedup"' in ledger and '"out": "dedup"' in ledger
