@@ -139,10 +139,10 @@ STAGES = (
         _in("raw", _RAW),
         _out("out", "Where to write the submission CSV."),
         _out("metrics", "Where to write the summary metrics JSON."))),
-    Stage("report", "Write one offline HTML page (and a Markdown summary) of this run and all DVC experiments.", (
-        _in("reports", "Folder of the stages' reports (reports/<stage>/...)."),
+    Stage("report", "Write one offline HTML page (and a Markdown summary) of this run; experiments: `compare`.", (
+        _in("reports", "Folder of the stages' reports (reports/<stage>/..., tune/oof_scores.csv)."),
         _in("interim", _INTERIM),
-        _in("oof", "The train stage's folder with oof.npz."),
+        _in("oof", "The train stage's folder with oof.npz (checked against tune's per-image scores)."),
         _in("thresholds", "The tune stage's thresholds JSON."),
         _out("html", "Where to write the self-contained HTML report."),
         _out("summary", "Where to write the Markdown summary.")), outputs_may_nest_in=("reports",)),
@@ -200,7 +200,24 @@ def validate(submission: Annotated[Path, typer.Argument(help="Submission CSV to 
     typer.echo(f"{submission}: valid ({rows} rows)")
 
 
+@friendly_errors
+def compare(out: Annotated[Path, typer.Option(help="Where to write the experiments page (HTML).")]
+            = Path("reports/experiments.html"),
+            params: Annotated[Path, typer.Option(help="The workspace's params.yaml; its git repository is read.")]
+            = Path("params.yaml"),
+            reports: Annotated[Path, typer.Option(help="The workspace's reports folder (the current run's metrics).")]
+            = Path("reports")) -> None:
+    """Rank every DVC experiment (git refs/exps) and the current run by Dice: an HTML page, and Markdown on stdout.
+
+    Not a DVC stage: experiments are git refs, which no stage can depend on; run it after new experiments."""
+    from pipeline.compare import run
+
+    typer.echo(run(out=out, params=params, reports=reports), nl=False)
+    typer.echo(f"wrote {out}", err=True)
+
+
 for _stage in STAGES:  # in pipeline order, as --help lists them; validate checks predict's output
     if _stage.name == "report":
         app.command()(validate)
     app.command(name=_stage.name)(_stage_command(_stage))
+app.command()(compare)  # after report: not a stage, it reads the experiments' git refs

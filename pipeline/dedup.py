@@ -17,17 +17,15 @@ changes which pairs are found.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import math
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
+from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from pipeline.io import InputError, atomic_dir, save_figure, write_csv, write_json
@@ -86,38 +84,11 @@ def exact_cosine_distance(counts: np.ndarray, norms: np.ndarray, rows_a: np.ndar
     return out
 
 
-def _openblas_thread_controls() -> list[tuple[Callable[[int], None], Callable[[], int]]]:
-    """(set, get) thread-count functions of each OpenBLAS loaded in this process (numpy's, scipy's)."""
-    try:
-        maps = Path("/proc/self/maps").read_text().splitlines()
-    except OSError:
-        return []
-    controls = []
-    for path in sorted({line.split()[-1] for line in maps if len(line.split()) >= 6 and "openblas" in line}):
-        lib = ctypes.CDLL(path)
-        for prefix, suffix in (("scipy_openblas", "64_"), ("scipy_openblas", ""), ("openblas", "64_"), ("openblas", "")):
-            setter = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-            getter = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-            if setter and getter:
-                controls.append((setter, getter))
-                break
-    return controls
-
-
-@contextlib.contextmanager
-def _single_threaded_blas() -> Iterator[None]:
+def _single_threaded_blas() -> threadpool_limits:
     """OpenBLAS's worker threads stall when other processes keep the cores busy: on 2 shared cores
     a 100 x 5481 Gram product took 89 ms with 2 threads and 3 ms with one (2048 rows: 1.17 s vs
     0.63 s), so the tile products run on one thread."""
-    controls = _openblas_thread_controls()
-    before = [getter() for _, getter in controls]
-    for setter, _ in controls:
-        setter(1)
-    try:
-        yield
-    finally:
-        for (setter, _), threads in zip(controls, before):
-            setter(threads)
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _scope_runs(scope_labels: np.ndarray | None, n: int) -> tuple[np.ndarray, list[tuple[int, int]]]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.io import InputError
+from pipeline.ids import id_problem, id_sort_key, numeric_ids
 from pipeline.params import DataParams
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -26,9 +27,6 @@ _NUMBER, _TIF = "([0-9]+)", r"(?i:\.tif)"
 _ULTRASOUND_IMAGE = re.compile(rf"{_NUMBER}_{_NUMBER}{_TIF}")
 _ULTRASOUND_MASK = re.compile(rf"{_NUMBER}_{_NUMBER}_mask{_TIF}")
 _ULTRASOUND_TEST = re.compile(rf"{_NUMBER}{_TIF}")
-_NUMERIC_ID = re.compile(r"[0-9]+")
-_CSV_UNSAFE = re.compile(r'[,"\x00-\x1f\x7f]')
-_UNSAFE_NAMES = {",": "a comma", '"': "a double quote", "\n": "a line break", "\r": "a line break"}
 _BLANK = ("", "nan")  # a group cell that holds no group (pandas writes NaN as an empty cell)
 
 
@@ -51,32 +49,6 @@ def fail(problems: list[str]) -> None:
                          + "\n  - ".join(problems[:MAX_LISTED]) + more)
 
 
-def submission_id_problem(image_id: str, numeric: bool) -> str | None:
-    """Why `image_id` cannot be written as an id of a submission CSV, or None if it can.
-
-    The one rule for the load stage (test images) and the submission validator: an id must be
-    non-empty, hold no comma, double quote, line break or other control character and no
-    leading or trailing whitespace (a CSV reader would split, unquote or strip it, and the
-    scorer would see another id), and be ASCII digits 0-9 only where the submission needs
-    numeric ids (`numeric`, see `submission_ids_numeric`).
-    """
-    if numeric and not _NUMERIC_ID.fullmatch(image_id):
-        return f"id {image_id!r} is not a numeric id (ASCII digits 0-9, as this submission format needs)"
-    if not image_id:
-        return f"id {image_id!r} is empty"
-    if unsafe := _CSV_UNSAFE.search(image_id):
-        what = _UNSAFE_NAMES.get(unsafe[0], f"the control character {unsafe[0]!r}")
-        return f"id {image_id!r} contains {what}, which a submission id must not (CSV readers split or unquote it)"
-    if image_id != image_id.strip():
-        return f"id {image_id!r} has leading or trailing whitespace, which a submission id must not (CSV readers strip it)"
-    return None
-
-
-def submission_ids_numeric(data: DataParams) -> bool:
-    """Whether the submission of this layout needs numeric ids (the ultrasound competition's does)."""
-    return data.layout == "ultrasound"
-
-
 def list_test_images(folder: str | Path, data: DataParams) -> list[tuple[str, Path]]:
     """The test images in `folder` as (id, path), numeric ids in numeric order, then the others by name.
 
@@ -86,7 +58,7 @@ def list_test_images(folder: str | Path, data: DataParams) -> list[tuple[str, Pa
     "7") for ultrasound, else `ID` + one of IMAGE_SUFFIXES in any case. Raises one InputError
     listing every problem: the folder missing or unreadable, no images, any other file, two files
     of one id (`01.tif` and `1.tif`; `a.png` and `a.jpg`), or an id a submission cannot hold
-    (`submission_id_problem`).
+    (`pipeline.ids.id_problem`).
     """
     problems: list[str] = []
     found = _test_images(Path(folder), data, problems)
@@ -97,11 +69,11 @@ def list_test_images(folder: str | Path, data: DataParams) -> list[tuple[str, Pa
 def _test_images(folder: Path, data: DataParams, problems: list[str]) -> dict[str, Path]:
     found = _ultrasound_tests(folder, problems) if data.layout == "ultrasound" \
         else _images_by_stem(folder, problems, "test")
-    numeric = submission_ids_numeric(data)
+    numeric = numeric_ids(data)
     unwritable = {}
     for image_id, path in found.items():
-        if (problem := submission_id_problem(image_id, numeric)) is not None:
-            unwritable[image_id] = f"{path}: {problem}"
+        if (problem := id_problem(image_id, numeric)) is not None:
+            unwritable[image_id] = f"{path}: id {image_id!r} {problem}"
     problems += unwritable.values()
     return {i: p for i, p in found.items() if i not in unwritable}
 
@@ -160,7 +132,7 @@ def _images_by_stem(folder: Path, problems: list[str], what: str) -> dict[str, P
 
 def _sorted_ids(ids: Iterable[str]) -> list[str]:
     """Numeric ids (ASCII digits) in numeric order first, then the others by name."""
-    return sorted(ids, key=lambda s: (0, int(s), s) if _NUMERIC_ID.fullmatch(s) else (1, 0, s))
+    return sorted(ids, key=id_sort_key)
 
 
 def _group_codes(groups: pd.Series) -> pd.Series:
@@ -186,7 +158,8 @@ def _groups_from_csv(raw_dir: Path, data: DataParams, ids: list[str], problems: 
     table = _read_csv(path, [data.id_column, data.group_column], problems)
     if table is None:
         return pd.Series(range(1, len(ids) + 1), index=ids)
-    table = table[table[data.id_column].isin(ids)].assign(**{data.group_column: lambda t: t[data.group_column].str.strip()})
+    table = table[table[data.id_column].isin(ids)]
+    table = table.assign(**{data.group_column: table[data.group_column].str.strip()})
     listed = set(table[data.id_column])
     blank = table[data.group_column].str.lower().isin(_BLANK)
     if blank.any():

@@ -44,7 +44,7 @@ Float = Annotated[float, Field(strict=True)]
 Bool = StrictBool
 Str = Annotated[StrictStr, Field(min_length=1)]
 Layout = Literal["ultrasound", "folders", "csv"]
-SEED_MAX = 2**32 - 1   # numpy's SeedSequence-free legacy seeding takes 0..2**32-1
+SEED_MAX = 2**32 - 1   # np.random.seed / RandomState take 0..2**32-1
 
 
 def _exact_int(value: Any) -> Any:

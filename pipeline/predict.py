@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import rle
+from pipeline.ids import id_sort_key, numeric_ids
 from pipeline.io import InputError, atomic_path, write_json
 from pipeline.load import open_arrays, read_manifest
 from pipeline.metrics import dice_per_image
@@ -78,7 +79,7 @@ def run(params: Params, *, interim: str | Path, models: str | Path, thresholds: 
     if len(test) != len(images):
         raise InputError(f"{interim_dir}: manifest lists {len(test)} test images, test_images.npy holds {len(images)}")
     ids = test.id.tolist()
-    numeric = rle.numeric_ids(data)
+    numeric = numeric_ids(data)
     rle.check_ids(ids, numeric, f"{Path(interim_dir) / 'manifest.csv'} (test images)")  # before any model runs
     shape = tuple(images.shape[1:3])
     order, start = ("F" if data.rle_order == "column" else "C"), data.rle_start
@@ -107,7 +108,7 @@ def run(params: Params, *, interim: str | Path, models: str | Path, thresholds: 
             dice.append(dice_per_image(masks, true))
             truth_empty.append(~true.any(axis=(1, 2)))
 
-    rows = sorted(encoded.items(), key=lambda kv: rle.id_sort_key(kv[0]))
+    rows = sorted(encoded.items(), key=lambda kv: id_sort_key(kv[0]))
     with atomic_path(out) as tmp:
         rle.write_submission(tmp, rows, data.submission_columns)
         try:

@@ -1,37 +1,35 @@
-"""Report stage: the current run and every DVC experiment on one self-contained page.
+"""Report stage: the current run on one self-contained page.
 
 The daily loop is "change params, run, compare Dice", so one file should answer: how good
-is this run, why (thresholds, presence gate, example predictions, training curves), and how
-does it rank against the other experiments. `reports/index.html` embeds every image as a
-base64 data URI (no external files or scripts, opens offline); `reports/summary.md` has the
-same numbers as text. A stage whose outputs are missing gets a note in its section instead
-of failing the page.
+is this run, and why (thresholds, presence gate, example predictions, training curves).
+`reports/index.html` embeds every image as a base64 data URI (no external files or scripts,
+opens offline); `reports/summary.md` has the same numbers as text. A stage whose outputs are
+missing gets a note in its section instead of failing the page.
 
-Experiments are read from git (refs/exps/... and `git cat-file`), not `dvc exp show`: this
-stage runs inside `dvc repro` / `dvc exp run`, and git needs no DVC lock. Their metrics are
-the git-tracked (`cache: false`) metrics files committed in each experiment.
+It only reads what the stages wrote: the per-image out-of-fold scores and final masks come
+from the tune stage (`reports/tune/oof_scores.csv`), so this module needs neither torch nor
+the tune stage's code. The page layout lives in `pipeline/render.py` and its templates. The
+ranking of DVC experiments is not part of this stage (experiments are git refs, which no DVC
+stage can depend on): `python -m pipeline compare` writes it.
 """
 from __future__ import annotations
 
-import base64
-import html
 import io
-import json
 import math
 import os
-import re
-import subprocess
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from pipeline.io import InputError, read_json, write_text
-from pipeline.params import ReportParams
+from pipeline.load import open_arrays, read_manifest
+from pipeline.params import Params
+from pipeline.postprocess import Thresholds, keep, read_thresholds
+from pipeline.render import Section, flatten, render_html, render_md
+from pipeline.rle import RLEError, decode, parse_runs
 
 STAGES = (  # (stage, what its metrics mean)
     ("load", "dataset size and how many masks are empty"),
@@ -41,104 +39,9 @@ STAGES = (  # (stage, what its metrics mean)
     ("tune", "out-of-fold Dice at native size: tuned, at default thresholds, without presence gate, all-empty"),
     ("predict", "test predictions (synthetic data: Dice against the generator's true test masks)"),
 )
-KEY_METRICS = (  # (stage, key, column label): the experiments table's metric columns, ranked by the first two
-    ("predict", "synthetic_test_dice", "test Dice (synthetic)"),
-    ("tune", "dice_best", "OOF Dice (tuned)"),
-    ("train", "dice", "val Dice (0.5 gates)"),
-    ("tune", "dice_default", "OOF Dice (defaults)"),
-    ("tune", "dice_all_empty", "all-empty Dice"),
-)
-EXP_REF = re.compile(r"^refs/exps/([0-9a-f]{2})/([0-9a-f]{38})/([^/]+)$")
-CHUNK = 32  # OOF images upsampled to native size at once
-CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2330;background:#f5f6f8}
-main{max-width:1180px;margin:0 auto;padding:20px 28px 60px}
-h1{margin:8px 0 2px;font-size:26px} h2{margin:34px 0 8px;padding-top:8px;border-top:2px solid #d8dbe2;font-size:20px}
-h3{margin:18px 0 6px;font-size:16px} p.sub{margin:0 0 14px;color:#5a6172}
-nav{margin:10px 0 4px;line-height:1.9} nav a{margin-right:14px;color:#2c5cc5;text-decoration:none;white-space:nowrap}
-.cards{display:flex;flex-wrap:wrap;gap:12px;margin:14px 0}
-.card{background:#fff;border:1px solid #d8dbe2;border-radius:8px;padding:10px 16px;min-width:150px}
-.card .v{font-size:26px;font-weight:600} .card .k{color:#5a6172;font-size:13px}
-table{border-collapse:collapse;background:#fff;margin:6px 0 10px;font-size:14px}
-th,td{border:1px solid #d8dbe2;padding:4px 10px;text-align:left} th{background:#eef0f4}
-td.n{text-align:right;font-variant-numeric:tabular-nums} tr.current td{background:#fff7d6;font-weight:600}
-.note{background:#fff4e5;border-left:4px solid #e8a33d;padding:8px 12px;margin:8px 0}
-img{max-width:100%;height:auto;background:#fff;border:1px solid #d8dbe2;margin:6px 0}
-.stages{display:flex;flex-wrap:wrap;gap:6px 28px;align-items:flex-start} .stages>div{max-width:560px}
-.stages p{font-size:13px;color:#5a6172;margin:0 0 4px} .tw{overflow-x:auto} code{background:#eef0f4;padding:1px 4px}
-"""
-
-
-@dataclass
-class Section:
-    """One part of the page, rendered both as HTML and as Markdown."""
-    title: str
-    anchor: str
-    html: list[str] = field(default_factory=list)
-    md: list[str] = field(default_factory=list)
-
-    def text(self, line: str) -> None:
-        self.html.append(f"<p>{_inline(line)}</p>")
-        self.md.append(line + "\n")
-
-    def note(self, line: str) -> None:
-        self.html.append(f'<div class="note">{_inline(line)}</div>')
-        self.md.append(f"> {line}\n")
-
-    def table(self, header: Sequence[str], rows: Iterable[Sequence[Any]], current: int | None = None) -> None:
-        rows = [[fmt(v) for v in row] for row in rows]
-        numeric = [all(_is_number(r[i]) for r in rows) for i in range(len(header))]
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        body = "".join(
-            f"<tr{' class=current' if k == current else ''}>"
-            + "".join(f"<td{' class=n' if numeric[i] else ''}>{html.escape(v)}</td>" for i, v in enumerate(row))
-            + "</tr>" for k, row in enumerate(rows))
-        self.html.append(f'<div class="tw"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
-        esc = lambda v: v.replace("|", "\\|")  # noqa: E731
-        self.md.append("| " + " | ".join(map(esc, header)) + " |\n|" + "---|" * len(header) + "\n"
-                       + "".join("| " + " | ".join(map(esc, row)) + " |\n" for row in rows))
-
-    def image(self, png: bytes, alt: str, md_link: str | None = None) -> None:
-        """Embed a PNG; the Markdown links to the stage's own file when there is one."""
-        data = base64.b64encode(png).decode("ascii")
-        self.html.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
-        self.md.append(f"![{alt}]({md_link})\n" if md_link else f"*{alt}: see index.html*\n")
-
-
-def _inline(line: str) -> str:
-    """Escaped text with Markdown `code` spans as <code>, so one string serves both formats."""
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(line))
-
-
-def fmt(value: Any) -> str:
-    """Numbers for tables: 4 decimals for small floats, so Dice values line up."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "—"
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value)).lower()
-    if isinstance(value, (float, np.floating)):
-        return f"{value:.4f}" if abs(value) < 100 else f"{value:.1f}"
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(fmt(v) for v in value) + "]"
-    return str(value)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return text == "—"
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """{"a": {"b": 1}} -> {"a.b": 1}: nested metrics and params as dotted keys."""
-    if not isinstance(data, dict):
-        return {prefix: data} if prefix else {}
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
+SCORE_COLUMNS = ("id", "presence_prob", "truth_area", "predicted_area", "dice", "truth_empty", "predicted_empty",
+                 "rle")  # reports/tune/oof_scores.csv, written by the tune stage
+TITLE, HEADING = "nerveseg report", "Nerve segmentation: run report"
 
 
 def _figure_png(fig: Any) -> bytes:
@@ -179,10 +82,7 @@ def headline(metrics: dict[str, dict[str, Any] | None], thresholds: dict[str, An
     if thresholds:
         cards.append(("thresholds pixel / presence / min_area",
                       f"{thresholds['pixel']:g} / {thresholds['presence']:g} / {thresholds['min_area']}"))
-    s.html.append('<div class="cards">' + "".join(
-        f'<div class="card"><div class="v">{html.escape(fmt(v))}</div><div class="k">{html.escape(k)}</div></div>'
-        for k, v in cards) + "</div>")
-    s.md.append("".join(f"- **{k}**: {fmt(v)}\n" for k, v in cards))
+    s.cards(cards)
     if not tune:
         s.note("No tune metrics yet: the Dice numbers appear once the train and tune stages have run.")
     return s
@@ -193,8 +93,8 @@ def stage_metrics(reports: Path, metrics: dict[str, dict[str, Any] | None]) -> S
     s.html.append('<div class="stages">')
     for stage, meaning in STAGES:
         path = reports / stage / "metrics.json"
-        s.html.append(f"<div><h3>{stage}</h3>")
-        s.md.append(f"### {stage}\n")
+        s.html.append("<div>")
+        s.heading(stage)
         data = metrics[stage]
         if data is None:
             s.note(f"{path}: missing or unreadable (run the {stage} stage).")
@@ -260,7 +160,8 @@ def dice_vs_threshold(reports: Path, thresholds: dict[str, Any] | None, all_empt
 
 @dataclass
 class OofResult:
-    """Per OOF image: ids, true/predicted presence, Dice, and what a gallery needs."""
+    """Per OOF image, from the tune stage's oof_scores.csv: ids, rows of the train arrays, presence
+    probability, true/predicted presence and area, Dice, and the final mask (RLE)."""
     ids: np.ndarray
     rows: np.ndarray
     presence_prob: np.ndarray
@@ -268,36 +169,64 @@ class OofResult:
     truth_area: np.ndarray
     pred_any: np.ndarray
     dice: np.ndarray
+    rle: np.ndarray
 
 
-def score_oof(mask_prob: np.ndarray, presence_prob: np.ndarray, ids: np.ndarray, rows: np.ndarray,
-              truth: np.ndarray, thresholds: Any) -> OofResult:
-    """Final masks at native size, exactly as predict makes them, scored per image."""
-    import torch
-
-    from pipeline.metrics import dice_per_image
-    from pipeline.model import to_native
-    from pipeline.postprocess import apply
-
-    shape = truth.shape[1:3]
-    truth_area, pred_any, dice = (np.zeros(len(ids), t) for t in (np.int64, bool, np.float64))
-    for start in range(0, len(ids), CHUNK):
-        stop = min(start + CHUNK, len(ids))
-        prob = to_native(torch.from_numpy(np.asarray(mask_prob[start:stop], np.float32))[:, None], shape).numpy()
-        pred = apply(prob, presence_prob[start:stop], thresholds)
-        true = np.asarray(truth[rows[start:stop]], bool)
-        truth_area[start:stop] = true.reshape(stop - start, -1).sum(axis=1)
-        pred_any[start:stop] = pred.reshape(stop - start, -1).any(axis=1)
-        dice[start:stop] = dice_per_image(pred, true)
-    return OofResult(ids, rows, presence_prob, truth_area > 0, truth_area, pred_any, dice)
+def read_scores(path: Path, oof: Path, interim: Path, shape: tuple[int, int]) -> OofResult:
+    """The tune stage's per-image scores, checked against the train stage's oof.npz (same images, same
+    presence probabilities: a stale file is named, not drawn) and placed in the load stage's arrays."""
+    try:
+        table = pd.read_csv(path, dtype={"id": str, "rle": str}, keep_default_na=False)
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (run the tune stage)") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: unreadable ({exc})") from None
+    missing = [c for c in SCORE_COLUMNS if c not in table.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (run the tune stage)")
+    try:
+        ids = table["id"].to_numpy(str)
+        presence = table["presence_prob"].to_numpy(np.float32)  # as train wrote it: float32 round-trips its text
+        numbers = {c: table[c].to_numpy(np.float64) for c in ("truth_area", "predicted_area", "dice")}
+        flags = {c: table[c].astype(str).str.lower().map({"true": True, "false": False}) for c in
+                 ("truth_empty", "predicted_empty")}
+        if any(f.isna().any() for f in flags.values()) or any(np.isnan(v).any() for v in numbers.values()):
+            raise ValueError("empty or non-boolean cells")
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable values ({exc})") from None
+    npz = oof / "oof.npz"
+    try:
+        with np.load(npz, allow_pickle=False) as data:  # only these two small members are read
+            oof_ids, oof_presence = data["ids"].astype(str), data["presence_prob"].astype(np.float32)
+    except FileNotFoundError:
+        raise InputError(f"{npz}: out-of-fold predictions not found (run the train stage)") from None
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise InputError(f"{npz}: unreadable ({exc or type(exc).__name__})") from None
+    if not (np.array_equal(ids, oof_ids) and np.array_equal(presence, oof_presence)):
+        raise InputError(f"{path} does not describe the out-of-fold predictions in {npz} (other images or presence "
+                         f"probabilities): run the tune stage again")
+    train = read_manifest(interim).query("split == 'train'").set_index("id")["row"]
+    unknown = [i for i in ids if i not in train.index]
+    if unknown:
+        raise InputError(f"{path}: {len(unknown)} id(s) not among the train images of {interim}, "
+                         f"e.g. {', '.join(unknown[:5])}")
+    runs = table["rle"].to_numpy(str)
+    for k, (rle, area) in enumerate(zip(runs, numbers["predicted_area"])):
+        try:
+            _, lengths = parse_runs(rle, shape[0] * shape[1])
+        except RLEError as exc:
+            raise InputError(f"{path}: line {k + 2}: rle: {exc}") from None
+        if lengths.sum() != area:
+            raise InputError(f"{path}: line {k + 2}: rle covers {lengths.sum()} pixels, predicted_area says {area:g}")
+    return OofResult(ids, train.loc[ids].to_numpy(), presence, ~flags["truth_empty"].to_numpy(bool),
+                     numbers["truth_area"].astype(np.int64), ~flags["predicted_empty"].to_numpy(bool),
+                     numbers["dice"], runs)
 
 
 def confusion(r: OofResult, presence: float) -> Section:
     """At the tuned presence gate; when tuning switched the gate off (0), also at the default 0.5,
     since "everything passes" says nothing about the classifier itself."""
     import matplotlib.pyplot as plt
-
-    from pipeline.postprocess import Thresholds, keep
 
     s = Section("Presence classifier", "presence")
     gates = [(presence, "the tuned presence gate")]
@@ -310,8 +239,7 @@ def confusion(r: OofResult, presence: float) -> Section:
         said = keep(r.presence_prob, 0, gate, 0)  # the presence gate alone (an area of 0 passes min_area 0)
         tp, fn = int((said & r.truth_any).sum()), int((~said & r.truth_any).sum())
         fp, tn = int((said & ~r.truth_any).sum()), int((~said & ~r.truth_any).sum())
-        s.html.append(f"<h3>presence &gt;= {gate:g} ({html.escape(meaning)})</h3>")
-        s.md.append(f"### presence >= {gate:g} ({meaning})\n")
+        s.heading(f"presence >= {gate:g} ({meaning})")
         s.table(["", "predicted: nerve", "predicted: empty"], [["truth: nerve", tp, fn], ["truth: empty", fp, tn]])
         s.table(["accuracy", "precision", "recall (sensitivity)", "specificity"],
                 [[ratio(tp + tn, len(r.ids)), ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(tn, tn + fp)]])
@@ -345,14 +273,10 @@ def _outline(ax: Any, mask: np.ndarray, color: str, width: float) -> None:
         ax.contour(mask, levels=[0.5], colors=color, linewidths=width)
 
 
-def gallery(r: OofResult, mask_prob: np.ndarray, images: np.ndarray, truth: np.ndarray, thresholds: Any,
-            n: int) -> Section:
+def gallery(r: OofResult, images: np.ndarray, truth: np.ndarray, n: int) -> Section:
+    """The final masks tune made (its RLE column) over the images: found, false positives, missed."""
     import matplotlib.pyplot as plt
-    import torch
     from matplotlib.colors import ListedColormap
-
-    from pipeline.model import to_native
-    from pipeline.postprocess import apply
 
     s = Section("Out-of-fold predictions", "gallery")
     tp = np.flatnonzero(r.truth_any & r.pred_any)
@@ -368,14 +292,12 @@ def gallery(r: OofResult, mask_prob: np.ndarray, images: np.ndarray, truth: np.n
               ("Missed nerves: largest first", fn[np.argsort(-r.truth_area[fn], kind="stable")], False))
     shape = truth.shape[1:3]
     for title, order, spread in groups:
-        s.html.append(f"<h3>{html.escape(title)} ({len(order)})</h3>")
-        s.md.append(f"### {title} ({len(order)})\n")
+        s.heading(f"{title} ({len(order)})")
         chosen = _pick(order, n, spread)
         if not len(chosen):
             s.text("None.")
             continue
-        prob = to_native(torch.from_numpy(np.asarray(mask_prob[chosen], np.float32))[:, None], shape).numpy()
-        pred = apply(prob, r.presence_prob[chosen], thresholds)
+        pred = [decode(r.rle[k], shape) for k in chosen]
         cols = min(len(chosen), 3)
         rows = math.ceil(len(chosen) / cols)
         tile = 3.6
@@ -398,23 +320,17 @@ def gallery(r: OofResult, mask_prob: np.ndarray, images: np.ndarray, truth: np.n
     return s
 
 
-def oof_sections(interim: Path, oof: Path, thresholds_path: Path, n: int) -> list[Section]:
+def oof_sections(reports: Path, interim: Path, oof: Path, thresholds_path: Path, n: int) -> list[Section]:
     """Presence confusion matrix and prediction gallery; one note when their inputs are missing."""
-    from pipeline.postprocess import read_thresholds
-    from pipeline.tune import load_oof, train_rows
-    from pipeline.load import open_arrays
-
     try:
         t = read_thresholds(thresholds_path)
-        ids, mask_prob, presence_prob = load_oof(oof)
-        rows = train_rows(interim, ids)
         images, truth = open_arrays(interim, "train")
+        result = read_scores(reports / "tune" / "oof_scores.csv", oof, interim, truth.shape[1:3])
     except (InputError, OSError) as exc:
         s = Section("Presence classifier and predictions", "presence")
         s.note(f"Not available: {exc}")
         return [s]
-    result = score_oof(mask_prob, presence_prob, ids, rows, truth, t)
-    return [confusion(result, t.presence), gallery(result, mask_prob, images, truth, t, n)]
+    return [confusion(result, t.presence), gallery(result, images, truth, n)]
 
 
 def stage_image(title: str, anchor: str, path: Path, reports: Path, stage: str, caption: str) -> Section:
@@ -505,8 +421,7 @@ def diagnostics_section(train_dir: Path) -> Section:
         s.text("No warnings: the losses kept improving within diagnostics.patience epochs, gradients stayed "
                "within the thresholds and the presence head never said one class for every validation image.")
     for r in results:
-        s.html.append(f"<h3>fold {r.get('fold')}</h3>")
-        s.md.append(f"### fold {r.get('fold')}\n")
+        s.heading(f"fold {r.get('fold')}")
         pca = r.get("pca")
         if pca:
             s.text(f"Bottleneck PCA over {pca['samples']} positions of {len(r.get('subset', []))} validation "
@@ -530,153 +445,28 @@ def diagnostics_section(train_dir: Path) -> Section:
     return s
 
 
-# ---------------------------------------------------------------- experiments
+# ---------------------------------------------------------------- page
 
-def _git(repo: Path, *args: str, stdin: bytes | None = None) -> bytes | None:
-    try:
-        out = subprocess.run(["git", "-C", str(repo), *args], input=stdin, capture_output=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
-def _cat_files(repo: Path, specs: list[str]) -> list[bytes | None]:
-    """Contents of many `rev:path` blobs through one `git cat-file --batch`; None where absent."""
-    out = _git(repo, "cat-file", "--batch", stdin="".join(f"{s}\n" for s in specs).encode())
-    if out is None:
-        return [None] * len(specs)
-    result: list[bytes | None] = []
-    pos = 0
-    for _ in specs:
-        end = out.index(b"\n", pos)
-        header = out[pos:end].split()
-        pos = end + 1
-        if len(header) == 3 and header[1] == b"blob":
-            size = int(header[2])
-            result.append(out[pos:pos + size])
-            pos += size + 1
-        else:
-            result.append(None)
-    return result
-
-
-def _load(blob: bytes | None, parse: Callable[[bytes], Any]) -> dict[str, Any]:
-    if blob is None:
-        return {}
-    try:
-        data = parse(blob)
-    except (ValueError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def read_experiments(repo: Path, reports: Path, params_path: Path) -> list[dict[str, Any]] | None:
-    """Every experiment under refs/exps plus their baseline commits, with params and key metrics.
-
-    None when `repo` is not a git work tree; [] when it has no experiments.
-    Each row: name, rev, baseline, params (flat), metrics.
-    """
-    top = _git(repo, "rev-parse", "--show-toplevel")
-    if top is None:
-        return None
-    root = Path(top.decode().strip()).resolve()
-    refs = (_git(repo, "for-each-ref", "--format=%(refname) %(objectname)", "refs/exps") or b"").decode()
-    found = []
-    for line in refs.splitlines():
-        ref, _, sha = line.partition(" ")
-        m = EXP_REF.match(ref)
-        if m:
-            found.append((m.group(3), sha, m.group(1) + m.group(2)))
-    if not found:
-        return []
-    revs = [(f"baseline {b[:7]}", b, "") for b in dict.fromkeys(base for *_, base in found)] + found
-    try:
-        rel_params = params_path.resolve().relative_to(root).as_posix()
-        rel_reports = reports.resolve().relative_to(root).as_posix()
-    except ValueError:
-        return []
-    stages = list(dict.fromkeys(stage for stage, _, _ in KEY_METRICS))
-    specs = [f"{sha}:{rel_params}" for _, sha, _ in revs]
-    specs += [f"{sha}:{rel_reports}/{stage}/metrics.json" for stage in stages for _, sha, _ in revs]
-    blobs = _cat_files(root, specs)
-    rows = []
-    for i, (name, sha, base) in enumerate(revs):
-        stage_metrics = {st: _load(blobs[len(revs) * (1 + j) + i], json.loads) for j, st in enumerate(stages)}
-        rows.append({"name": name, "rev": sha[:7], "baseline": base[:7],
-                     "params": flatten(_load(blobs[i], yaml.safe_load)),
-                     "metrics": {label: stage_metrics[st].get(key) for st, key, label in KEY_METRICS}})
-    return rows
-
-
-def experiments(repo: Path, reports: Path, params_path: Path, current: dict[str, dict[str, Any] | None]) -> Section:
-    s = Section("Experiments ranked by Dice", "experiments")
-    rows = read_experiments(repo, reports, params_path)
-    if rows is None:
-        s.note(f"{repo}: not a git repository, so there are no DVC experiments to compare.")
-        return s
-    if not rows:
-        s.note("No DVC experiments in this repository yet. Run some with `dvc exp run -S key=value` "
-               "(README, \"Comparing runs\"), then regenerate this report with `dvc repro -f -s report`.")
-        return s
-    try:
-        params = flatten(yaml.safe_load(params_path.read_text()))
-    except (OSError, ValueError):
-        params = {}
-    rows.insert(0, {"name": "current run (workspace)", "rev": "workspace", "baseline": "", "params": params,
-                    "metrics": {label: (current.get(st) or {}).get(key) for st, key, label in KEY_METRICS}})
-    keys = sorted(set().union(*(r["params"] for r in rows)))
-    differ = [k for k in keys if len({json.dumps(r["params"].get(k), sort_keys=True) for r in rows}) > 1]
-    labels = [label for _, _, label in KEY_METRICS]
-    # The test images are the same in every run, while cleaning changes which images the OOF Dice averages
-    # over: test Dice (synthetic data only) ranks first, OOF Dice breaks ties and ranks real-data runs.
-    rows.sort(key=lambda r: tuple(x for lb in labels[:2] for x in (not isinstance(r["metrics"][lb], (int, float)),
-                                                                    -(r["metrics"][lb] or 0))))
-    s.text(f"{len(rows) - 1} runs from git (refs/exps and their baseline commits) plus the current run, ranked by "
-           f"{labels[0]} (the same test images in every run), then {labels[1]} (its images change with "
-           f"`clean.policy`: compare it with the all-empty Dice of the same run). Only params that differ are "
-           f"shown. Metrics are read from each run's committed metrics files; regenerate after new experiments "
-           f"with `dvc repro -f -s report`.")
-    s.table(["#", "experiment", "rev", "baseline", *labels, *differ],
-            [[k + 1, r["name"], r["rev"], r["baseline"], *(r["metrics"][lb] for lb in labels),
-              *(r["params"].get(d) for d in differ)] for k, r in enumerate(rows)],
-            current=next(k for k, r in enumerate(rows) if r["rev"] == "workspace"))
-    if not differ:
-        s.text("All runs have the same params.")
+def experiments_pointer() -> Section:
+    s = Section("Experiments", "experiments")
+    s.text("To rank this run against every DVC experiment, run `python -m pipeline compare` "
+           "(writes `reports/experiments.html`).")
     return s
 
 
-# ---------------------------------------------------------------- page
-
-def render_html(sections: list[Section], subtitle: str) -> str:
-    nav = "\n".join(f'<a href="#{s.anchor}">{html.escape(s.title)}</a>' for s in sections)
-    body = "".join(f'<section id="{s.anchor}"><h2>{html.escape(s.title)}</h2>{"".join(s.html)}</section>'
-                   for s in sections)
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>nerveseg report</title><style>{CSS}</style></head><body><main>"
-            f"<h1>Nerve segmentation: run report</h1><p class=\"sub\">{_inline(subtitle)}</p>"
-            f"<nav>{nav}</nav>{body}</main></body></html>\n")
-
-
-def render_md(sections: list[Section], subtitle: str) -> str:
-    return f"# Nerve segmentation: run report\n\n{subtitle}\n\n" + "".join(
-        f"## {s.title}\n\n" + "\n".join(s.md) + "\n" for s in sections)
-
-
-def run(p: ReportParams, reports_dir: str | Path, interim_dir: str | Path, oof_dir: str | Path,
-        thresholds_path: str | Path, params_path: str | Path, html_path: str | Path,
-        summary_path: str | Path) -> dict[str, Any]:
+def run(params: Params, *, reports: str | Path, interim: str | Path, oof: str | Path, thresholds: str | Path,
+        html: str | Path, summary: str | Path) -> dict[str, Any]:
     """Write the HTML page and the Markdown summary; returns what each section found."""
     import matplotlib
 
     matplotlib.use("Agg")
-    reports, thresholds_path, params_path = Path(reports_dir), Path(thresholds_path), Path(params_path)
+    reports, thresholds = Path(reports), Path(thresholds)
     metrics = {stage: _read_metrics(reports / stage / "metrics.json") for stage, _ in STAGES}
-    thresholds = _read_metrics(thresholds_path)
+    chosen = _read_metrics(thresholds)
     all_empty = (metrics["tune"] or {}).get("dice_all_empty")
-    sections = [headline(metrics, thresholds), stage_metrics(reports, metrics),
-                dice_vs_threshold(reports, thresholds, all_empty),
-                *oof_sections(Path(interim_dir), Path(oof_dir), thresholds_path, p.gallery_images),
+    sections = [headline(metrics, chosen), stage_metrics(reports, metrics),
+                dice_vs_threshold(reports, chosen, all_empty),
+                *oof_sections(reports, Path(interim), Path(oof), thresholds, params.report.gallery_images),
                 stage_image("Contradictory near-duplicates (dedup audit)", "dedup", reports / "dedup" / "gallery.png",
                             reports, "dedup", "Near-identical frames whose masks disagree: the label noise that "
                             "the clean stage removes."),
@@ -684,11 +474,11 @@ def run(p: ReportParams, reports_dir: str | Path, interim_dir: str | Path, oof_d
                             "augment", "Training samples at the working size and augmented variants of each."),
                 training_curves(reports / "train"),
                 diagnostics_section(reports / "train"),
-                experiments(params_path.resolve().parent, reports, params_path, metrics)]
-    subtitle = (f"From `{reports}/` (stage metrics and plots), `{oof_dir}` (out-of-fold predictions) and "
-                f"`{thresholds_path}`. Regenerate with `dvc repro` or `python -m pipeline report`.")
-    write_text(html_path, render_html(sections, subtitle))
-    write_text(summary_path, render_md(sections, subtitle))
+                experiments_pointer()]
+    subtitle = (f"From `{reports}/` (stage metrics, plots and tune's per-image scores), `{oof}` (out-of-fold "
+                f"predictions) and `{thresholds}`. Regenerate with `dvc repro` or `python -m pipeline report`.")
+    write_text(html, render_html(sections, title=TITLE, heading=HEADING, subtitle=subtitle))
+    write_text(summary, render_md(sections, heading=HEADING, subtitle=subtitle))
     missing = sorted(stage for stage, data in metrics.items() if data is None)
     return {"sections": len(sections), "missing_stage_metrics": ", ".join(missing) or "none",
-            "html": str(html_path), "summary": str(summary_path)}
+            "html": str(html), "summary": str(summary)}

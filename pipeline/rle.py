@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.ids import id_problem, numeric_ids
 from pipeline.params import DataParams
 
 KAGGLE_SHAPE = (420, 580)
 MAX_LISTED = 20
 _INTEGER = re.compile(r"-?[0-9]+")
-_ID = re.compile(r"[0-9]+")
 
 
 class RLEError(ValueError):
@@ -121,28 +121,6 @@ def read_rows(path: str | Path) -> list[list[str]]:
     return [row for _, row in read_numbered_rows(path)]
 
 
-def numeric_ids(data: DataParams) -> bool:
-    """The one rule for whether submission ids must be plain numbers (0-9): the Kaggle ultrasound layout's
-    test images are `N.tif`; the other layouts take any file stem. Predict and validate both use it."""
-    return data.layout == "ultrasound"
-
-
-def id_problem(img: str, numeric: bool) -> str | None:
-    """Why `img` cannot be a submission id (None when it can): empty, not ASCII digits when `numeric`,
-    a line break or NUL (no reader splits those the same way), or not encodable as UTF-8."""
-    if numeric and not _ID.fullmatch(img):
-        return "is not a numeric id"
-    if not img:
-        return "is empty"
-    if any(c in img for c in "\r\n\x00"):
-        return "contains a line break or NUL character"
-    try:
-        img.encode("utf-8")
-    except UnicodeEncodeError:
-        return "is not valid UTF-8 text (an undecodable file name?)"
-    return None
-
-
 def check_ids(ids: Sequence[str], numeric: bool, source: str) -> None:
     """SubmissionError naming up to 5 ids of `source` that cannot be written to a submission, or duplicates."""
     bad = [(i, why) for i in ids if (why := id_problem(i, numeric)) is not None]
@@ -156,11 +134,6 @@ def check_ids(ids: Sequence[str], numeric: bool, source: str) -> None:
         rule = " (data.layout ultrasound: ids must be plain numbers)" if numeric and bad else ""
         raise SubmissionError(f"{source}: {len(bad) + len(dup)} image id(s) cannot be written to a submission"
                               f"{rule}:\n  - " + "\n  - ".join(problems))
-
-
-def id_sort_key(img: str) -> tuple[int, int, str]:
-    """Submission row order: numeric ids by value, then any others by text (as the layouts list them)."""
-    return (0, int(img), img) if _ID.fullmatch(img) else (1, 0, img)
 
 
 def write_submission(path: str | Path, rows: Iterable[tuple[str, str]], columns: Sequence[str]) -> None:

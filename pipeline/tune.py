@@ -4,6 +4,10 @@ The score is the leaderboard's: mean per-image Dice at native resolution. Only t
 threshold needs the pixels, so one pass over the upsampled OOF probabilities counts, per
 image and for every pixel threshold at once, the predicted area and its overlap with the
 truth. Every presence x min-area combination is then arithmetic on those counts.
+
+At the chosen thresholds it also writes one row per OOF image (`oof_scores.csv`): its Dice, true
+and predicted areas, presence probability and final mask (RLE), made exactly as predict makes
+masks. The report reads that file, so it needs neither torch nor this module.
 """
 from __future__ import annotations
 
@@ -16,13 +20,16 @@ from tqdm import tqdm
 
 from pipeline.io import InputError, save_figure, write_csv, write_json
 from pipeline.load import open_arrays, read_manifest
-from pipeline.metrics import dice_from_counts
+from pipeline.metrics import dice_from_counts, dice_per_image
 from pipeline.model import to_native
 from pipeline.params import Params, TuneParams
-from pipeline.postprocess import Thresholds, check_probabilities, keep
+from pipeline.postprocess import Thresholds, apply, check_probabilities, keep
+from pipeline.rle import encode
 
 CHUNK = 32  # images upsampled at once: 32 x 420 x 580 float32 is about 31 MB
 OOF_KEYS = ("ids", "mask_prob", "presence_prob")
+SCORE_COLUMNS = ("id", "presence_prob", "truth_area", "predicted_area", "dice", "truth_empty", "predicted_empty",
+                 "rle")
 
 
 def load_oof(oof_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -162,9 +169,38 @@ def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_
     return grid, chosen, {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
+def oof_scores(ids: np.ndarray, mask_prob: np.ndarray, presence_prob: np.ndarray, truth: np.ndarray,
+               rows: np.ndarray, t: Thresholds) -> pd.DataFrame:
+    """One row per OOF image at thresholds `t`: the final mask at native size, exactly as predict makes it
+    (`to_native`, then `postprocess.apply`), scored against the truth.
+
+    Columns: id, presence_prob (float32 as written by train), truth_area and predicted_area (pixels),
+    dice (empty on empty scores 1), truth_empty, predicted_empty, and rle: the final mask in the
+    competition's run-length encoding (1-indexed, column-major; empty when the mask is empty).
+    """
+    n = len(ids)
+    shape = truth.shape[1:3]
+    truth_area, pred_area = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    dice = np.zeros(n, np.float64)
+    runs = [""] * n
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        low = torch.from_numpy(np.asarray(mask_prob[start:stop], np.float32))[:, None]
+        pred = apply(to_native(low, shape).numpy(), presence_prob[start:stop], t)
+        true = np.asarray(truth[rows[start:stop]], bool)
+        truth_area[start:stop] = true.reshape(stop - start, -1).sum(axis=1)
+        pred_area[start:stop] = pred.reshape(stop - start, -1).sum(axis=1)
+        dice[start:stop] = dice_per_image(pred, true)
+        runs[start:stop] = [encode(p) if a else "" for p, a in zip(pred, pred_area[start:stop])]
+    return pd.DataFrame({"id": np.asarray(ids, str), "presence_prob": np.asarray(presence_prob, np.float32),
+                         "truth_area": truth_area, "predicted_area": pred_area, "dice": dice,
+                         "truth_empty": truth_area == 0, "predicted_empty": pred_area == 0, "rle": runs},
+                        columns=list(SCORE_COLUMNS))
+
+
 def run(params: Params, *, oof: str | Path, interim: str | Path, out: str | Path, reports: str | Path
         ) -> dict[str, float]:
-    """Write the chosen thresholds to `out`; the grid, plots and metrics to `reports`."""
+    """Write the chosen thresholds to `out`; the grid, plots, per-image OOF scores and metrics to `reports`."""
     ids, mask_prob, presence_prob = load_oof(oof)
     rows = train_rows(interim, ids)
     _, truth = open_arrays(interim, "train")
@@ -174,6 +210,7 @@ def run(params: Params, *, oof: str | Path, interim: str | Path, out: str | Path
     for name in ("pixel", "presence", "min_area"):  # profile: best Dice at each value of one threshold
         write_csv(reports / f"dice_vs_{name}.csv", grid.groupby(name, as_index=False)["dice"].max().round(6))
     _heatmap(grid, chosen.pixel, reports / "heatmap.png")
+    write_csv(reports / "oof_scores.csv", oof_scores(ids, mask_prob, presence_prob, truth, rows, chosen))
     write_json(reports / "metrics.json", metrics)
     write_json(out, chosen.to_dict())
     return metrics

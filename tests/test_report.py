@@ -1,21 +1,25 @@
-"""The report stage: key numbers on the page and in the summary, graceful gaps, experiments from git,
-and the page as a person sees it in a real headless browser (Debian's Chromium)."""
+"""The report stage: key numbers on the page and in the summary, graceful gaps, per-image OOF scores read
+from the tune stage (no torch), and the page as a person sees it in a real headless browser (Debian's Chromium).
+The experiments table is the compare command's (tests/test_compare.py)."""
 from __future__ import annotations
 
 import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
 from pipeline import report
+from pipeline.io import write_csv
 from pipeline.load import open_arrays, read_manifest
 from pipeline.params import Params, ReportParams
-from pipeline.postprocess import keep
+from pipeline.postprocess import keep, read_thresholds
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 TUNE = {"dice_best": 0.81234, "dice_default": 0.70111, "dice_no_presence_gate": 0.6502, "dice_all_empty": 0.5333,
@@ -59,13 +63,25 @@ def run_dir(tmp_path: Path, tiny_interim: Path) -> Path:
     np.savez(tmp_path / "oof" / "oof.npz", ids=train.id.to_numpy().astype(str), mask_prob=prob,
              presence_prob=presence)
     (tmp_path / "thresholds.json").write_text('{"pixel": 0.5, "presence": 0.6, "min_area": 0}')
-    (tmp_path / "params.yaml").write_text("clean:\n  policy: drop_empty\n")
+    _scores(tmp_path, tiny_interim)
     return tmp_path
 
 
+def _scores(d: Path, interim: Path) -> None:
+    """What the tune stage writes beside its grid: per-image scores at the chosen thresholds."""
+    from pipeline import tune
+
+    ids, mask_prob, presence = tune.load_oof(d / "oof")
+    _, masks = open_arrays(interim, "train")
+    scores = tune.oof_scores(ids, mask_prob, presence, masks, tune.train_rows(interim, ids),
+                             read_thresholds(d / "thresholds.json"))
+    write_csv(d / "reports" / "tune" / "oof_scores.csv", scores)
+
+
 def _run(d: Path, interim: Path) -> tuple[str, str]:
-    report.run(ReportParams(gallery_images=4), d / "reports", interim, d / "oof", d / "thresholds.json",
-               d / "params.yaml", d / "reports" / "index.html", d / "reports" / "summary.md")
+    report.run(Params(report=ReportParams(gallery_images=4)), reports=d / "reports", interim=interim, oof=d / "oof",
+               thresholds=d / "thresholds.json", html=d / "reports" / "index.html",
+               summary=d / "reports" / "summary.md")
     return (d / "reports" / "index.html").read_text(), (d / "reports" / "summary.md").read_text()
 
 
@@ -83,7 +99,7 @@ def test_key_numbers_in_html_and_summary(run_dir, tiny_interim):
     for text in (page, summary):
         for number in ("0.8123", "0.7011", "0.5333", "0.7988", "0.7457", "0.6502"):
             assert number in text, number
-        assert "No DVC experiments" not in text and "not a git repository" in text
+        assert "python -m pipeline compare" in text and "Experiments ranked by Dice" not in text
     tp, fn, fp, tn = _confusion(run_dir, tiny_interim)
     assert (fp, fn) != (0, 0), "the fixture must contain presence mistakes"
     assert f"| truth: nerve | {tp} | {fn} |" in summary and f"| truth: empty | {fp} | {tn} |" in summary
@@ -104,6 +120,7 @@ def test_per_fold_metrics_are_one_column_per_fold(run_dir, tiny_interim):
 
 def test_presence_gate_off_also_shows_the_default_gate(run_dir, tiny_interim):
     (run_dir / "thresholds.json").write_text('{"pixel": 0.5, "presence": 0.0, "min_area": 0}')
+    _scores(run_dir, tiny_interim)  # tune writes both together
     _, summary = _run(run_dir, tiny_interim)
     n = len(np.load(run_dir / "oof" / "oof.npz")["ids"])
     tp, fn, fp, tn = _confusion(run_dir, tiny_interim, 0.5)
@@ -128,53 +145,56 @@ def test_missing_stages_still_render(tmp_path, tiny_interim):
     assert "<img" not in page
 
 
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t", *args],
-                          check=True, capture_output=True, text=True).stdout.strip()
+def test_report_imports_neither_torch_nor_the_tune_stage():
+    """The report reads what tune wrote; importing it must not pull in torch or pipeline.tune (nor compare)."""
+    code = ("import sys, pipeline.report; "
+            "print(sorted(m for m in ('torch', 'pipeline.tune', 'pipeline.model', 'pipeline.compare') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
-def _commit(repo: Path, policy: str, dice: float, message: str, test_dice: float | None = None) -> str:
-    (repo / "params.yaml").write_text(f"clean:\n  policy: {policy}\ntrain:\n  lr: 0.001\n")
-    for stage, data in (("tune", {"dice_best": dice, "dice_all_empty": 0.5}),
-                        ("predict", {"synthetic_test_dice": test_dice} if test_dice else None)):
-        (repo / "reports" / stage).mkdir(parents=True, exist_ok=True)
-        if data:
-            (repo / "reports" / stage / "metrics.json").write_text(json.dumps(data))
-    _git(repo, "add", "-A")
-    _git(repo, "commit", "-qm", message)
-    return _git(repo, "rev-parse", "HEAD")
+def test_confusion_and_gallery_numbers_come_from_tunes_scores(run_dir, tiny_interim):
+    """Mark every image's truth as non-empty in oof_scores.csv: the report follows the file, not the masks."""
+    path = run_dir / "reports" / "tune" / "oof_scores.csv"
+    scores = pd.read_csv(path, dtype={"id": str, "rle": str}, keep_default_na=False)
+    n, said = len(scores), int((scores.presence_prob >= 0.6).sum())
+    scores["truth_empty"] = False
+    scores.to_csv(path, index=False)
+    _, summary = _run(run_dir, tiny_interim)
+    assert f"| truth: nerve | {said} | {n - said} |" in summary and "| truth: empty | 0 | 0 |" in summary
+    assert f"over {n} images" in summary and "False positives on empty images: most confident first (0)" in summary
 
 
-def test_experiments_ranked_from_git_refs(tmp_path, tiny_interim):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _git(repo, "init", "-q")
-    base = _commit(repo, "drop_empty", 0.7, "baseline")
-    for name, policy, dice, test in (("exp-none", "none", 0.65432, None), ("exp-both", "drop_both", 0.76543, 0.6),
-                                     ("exp-test", "none", 0.6, 0.8)):
-        _git(repo, "update-ref", f"refs/exps/{base[:2]}/{base[2:]}/{name}", _commit(repo, policy, dice, name, test))
-        _git(repo, "reset", "-q", "--hard", base)
-    _git(repo, "update-ref", "refs/exps/celery/stash", base)  # DVC's internal refs are not experiments
-    (repo / "reports" / "tune" / "metrics.json").write_text(json.dumps({"dice_best": 0.71}))  # the current run
-    _, summary = _run(repo, tiny_interim)
-    table = summary.split("## Experiments ranked by Dice")[1]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()
-            if line.startswith("| ") and line[2].isdigit()]
-    # test Dice first (exp-test beats exp-both), then OOF Dice for runs without it
-    assert [r[1] for r in rows] == ["exp-test", "exp-both", "current run (workspace)", f"baseline {base[:7]}",
-                                    "exp-none"]
-    assert {"0.8000", "0.6000"} <= set(rows[0]) and {"0.7654", "drop_both"} <= set(rows[1])
-    assert {"0.6543", "none"} <= set(rows[4])
-    assert "clean.policy" in table and "train.lr" not in table  # only params that differ
+def test_stale_or_missing_scores_are_a_note(run_dir, tiny_interim):
+    path = run_dir / "reports" / "tune" / "oof_scores.csv"
+    scores = pd.read_csv(path, dtype={"id": str, "rle": str}, keep_default_na=False)
+    scores.loc[3, "presence_prob"] = 0.123  # train re-ran, tune did not
+    scores.to_csv(path, index=False)
+    page, summary = _run(run_dir, tiny_interim)
+    assert f"Not available: {path} does not describe the out-of-fold predictions" in summary
+    assert "run the tune stage again" in summary and "Nerves found" not in summary
+    assert "Dice vs thresholds" in page  # the rest of the page is there
+    path.unlink()
+    _, summary = _run(run_dir, tiny_interim)
+    assert f"Not available: {path}: not found (run the tune stage)" in summary
 
 
-def test_no_experiments_is_a_note_not_an_error(tmp_path, tiny_interim):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    _git(repo, "init", "-q")
-    _commit(repo, "none", 0.7, "baseline")
-    _, summary = _run(repo, tiny_interim)
-    assert "No DVC experiments in this repository yet" in summary
+def test_report_cli_keeps_its_options(run_dir, tiny_interim):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    (run_dir / "params.yaml").write_text("report:\n  gallery_images: 2\n")
+    r = run_dir / "reports"
+    result = CliRunner().invoke(app, ["report", "--reports", str(r), "--interim", str(tiny_interim), "--oof",
+                                      str(run_dir / "oof"), "--thresholds", str(run_dir / "thresholds.json"),
+                                      "--html", str(r / "index.html"), "--summary", str(r / "summary.md"),
+                                      "--params", str(run_dir / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "missing_stage_metrics: none" in result.output
+    assert "Nerves found: from best to worst Dice" in (r / "summary.md").read_text()
 
 
 HARNESS = """<script>
@@ -206,7 +226,7 @@ def test_page_renders_in_headless_chromium(run_dir, tiny_interim):
     assert f'data-check="images={n_images} broken=0"' in out.stdout, out.stdout[:500]
     assert not re.search(r"<body[^>]*data-js-error", out.stdout), "JavaScript error while loading the page"
     assert not re.search(r"Uncaught|CONSOLE\(\d+\).*[Ee]rror", out.stderr), out.stderr[-2000:]
-    for number in ("0.8123", "0.7988", "Experiments ranked by Dice"):
+    for number in ("0.8123", "0.7988", "python -m pipeline compare"):
         assert number in out.stdout
     shot = run_dir / "report.png"
     out = _chromium(f"--screenshot={shot}", "--window-size=1280,2400", (run_dir / "reports" / "index.html").as_uri(),
@@ -244,7 +264,7 @@ def test_report_on_tiny_images_skips_the_outlines_it_cannot_draw(tmp_path, shape
     np.savez(tmp_path / "oof" / "oof.npz", ids=train.id.to_numpy().astype(str), mask_prob=prob,
              presence_prob=presence)
     (tmp_path / "thresholds.json").write_text('{"pixel": 0.5, "presence": 0.5, "min_area": 0}')
-    (tmp_path / "params.yaml").write_text("clean:\n  policy: none\n")
+    _scores(tmp_path, interim)
     page, summary = _run(tmp_path, interim)
     for title in ("Nerves found: from best to worst Dice (3)", "False positives on empty images: most confident "
                   "first (1)", "Missed nerves: largest first (1)", "presence >= 0.5"):

@@ -215,7 +215,7 @@ def test_validator_refuses_a_folder_and_a_header_with_one_name_twice(tmp_path):
         rle.validate_submission(path, ["1"], (3, 4), columns=("img", "img"))
 
 
-@pytest.mark.parametrize("img", ["a,b", 'q"x', 'both,"', " spaced ", "ü,ñ"])
+@pytest.mark.parametrize("img", ["a,b", 'q"x', 'both,"', "ü,ñ"])
 def test_submission_writer_quotes_fields_for_a_round_trip(tmp_path, img):
     import pandas as pd
 
@@ -229,10 +229,16 @@ def test_submission_writer_quotes_fields_for_a_round_trip(tmp_path, img):
 
 
 def test_one_numeric_id_rule_and_the_id_check():
+    from pipeline.ids import id_problem, id_sort_key, numeric_ids
     from pipeline.params import DataParams
 
-    assert rle.numeric_ids(DataParams()) and rle.numeric_ids(DataParams(layout="ultrasound"))
-    assert not rle.numeric_ids(DataParams(layout="folders")) and not rle.numeric_ids(DataParams(layout="csv"))
+    assert numeric_ids(DataParams()) and numeric_ids(DataParams(layout="ultrasound"))
+    assert not numeric_ids(DataParams(layout="folders")) and not numeric_ids(DataParams(layout="csv"))
+    assert id_problem("17", numeric=True) is None and id_problem("a1f0", numeric=False) is None
+    assert "not a numeric id" in id_problem("\u0661", numeric=True)  # an Arabic-Indic digit
+    assert id_problem("", numeric=False) == "is empty"
+    for bad in ("a\nb", "a\rb", "a\tb", " ab", "ab "):
+        assert id_problem(bad, numeric=False) is not None, bad
     rle.check_ids(["1", "2", "10"], True, "m.csv")
     rle.check_ids(["a,b", 'q"x'], False, "m.csv")
     with pytest.raises(SubmissionError, match=r"(?s)m\.csv: 1 image id.*plain numbers.*id '3a' is not a numeric id"):
@@ -243,7 +249,7 @@ def test_one_numeric_id_rule_and_the_id_check():
         rle.check_ids(["1", "2", "1", "2", "3"], True, "m.csv")
     with pytest.raises(SubmissionError, match="not valid UTF-8"):
         rle.check_ids(["bad\udcff"], False, "m.csv")
-    assert sorted(["10", "b", "2", "a"], key=rle.id_sort_key) == ["2", "10", "a", "b"]
+    assert sorted(["10", "b", "2", "a"], key=id_sort_key) == ["2", "10", "a", "b"]
 
 
 def _test_dir(tmp_path, shape=(3, 4)):

@@ -110,6 +110,36 @@ def test_run_writes_thresholds_table_plots_and_metrics(tiny_interim, tmp_path):
                                        metrics["dice_all_empty"]) and metrics["dice_best"] > 0.9
 
 
+def test_run_writes_per_image_oof_scores_at_the_chosen_thresholds(tiny_interim, tmp_path):
+    """oof_scores.csv: one row per OOF image, in OOF order, scored exactly as predict makes masks; the report's
+    confusion matrix and gallery read it instead of re-scoring with torch."""
+    from pipeline import rle
+    from pipeline.metrics import dice_per_image
+
+    train = _oof(tiny_interim, tmp_path / "oof")
+    metrics = tune.run(Params(), oof=tmp_path / "oof", interim=tiny_interim, out=tmp_path / "thresholds.json",
+                       reports=tmp_path / "reports")
+    scores = pd.read_csv(tmp_path / "reports" / "oof_scores.csv", dtype={"id": str, "rle": str},
+                         keep_default_na=False)
+    assert tuple(scores.columns) == tune.SCORE_COLUMNS
+    assert list(scores.id) == list(train.id) and len(scores) == metrics["images"] == 30
+    assert scores.dice.mean() == pytest.approx(metrics["dice_best"], abs=1e-5)
+    ids, mask_prob, presence = tune.load_oof(tmp_path / "oof")
+    assert np.array_equal(scores.presence_prob.to_numpy(np.float32), presence)  # float32 round-trips its text
+    _, masks = open_arrays(tiny_interim, "train")
+    truth = masks[train.row.to_numpy()].astype(bool)
+    t = Thresholds(**json.loads((tmp_path / "thresholds.json").read_text()))
+    pred = apply(to_native(torch.from_numpy(mask_prob.astype(np.float32))[:, None], truth.shape[1:]).numpy(),
+                 presence, t)
+    decoded = np.stack([rle.decode(r, truth.shape[1:]) for r in scores.rle])
+    assert np.array_equal(decoded, pred)
+    assert np.allclose(scores.dice, dice_per_image(pred, truth))
+    assert np.array_equal(scores.truth_area, truth.sum(axis=(1, 2))) and np.array_equal(scores.predicted_area,
+                                                                                        pred.sum(axis=(1, 2)))
+    assert list(scores.truth_empty) == list(~train.has_mask.astype(bool))
+    assert np.array_equal(scores.predicted_empty, ~pred.any(axis=(1, 2))) and (scores.rle == "").any()
+
+
 def test_run_uses_only_the_ids_in_the_oof(tiny_interim, tmp_path):
     _oof(tiny_interim, tmp_path / "oof", ids=["1_1", "2_3", "3_10"])
     assert tune.run(Params(tune=PLANTED), oof=tmp_path / "oof", interim=tiny_interim, out=tmp_path / "t.json",
