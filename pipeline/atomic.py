@@ -306,11 +306,15 @@ def _swap_in(pairs: list[tuple[Path, Path]]) -> None:
 def stage_commit(stage: str, *, immediate: Iterable[Path] = ()) -> Iterator[None]:
     """Hold back every atomic rename of the block, then publish them all at once on success.
 
-    Renames into `immediate` folders (resumable checkpoints) happen at once as usual. Before
+    Renames into `immediate` folders (resumable checkpoints) happen at once as usual, and those
+    folders are recorded as this stage's at the start. Before
     publishing, each final path must be absent or a previous output of `stage` (its folder's
     ledger says so); otherwise nothing is published and InputError names the paths.
     """
     commit = _Commit(stage, tuple(_real(Path(p)) for p in immediate))
+    for folder in commit.immediate:  # written in place from now on: this stage's from now on
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    _claim(stage, commit.immediate)
     _OPEN.append(commit)
     try:
         yield
