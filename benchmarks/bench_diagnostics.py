@@ -24,8 +24,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import augment, diagnostics, train  # noqa: E402
-from pipeline.load import open_arrays  # noqa: E402
+from pipeline import artifacts, diagnostics, train, transforms
+from pipeline.artifacts import open_arrays  # noqa: E402
 from pipeline.model import build_model  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 
@@ -42,12 +42,12 @@ def main() -> None:
     manifest = train.read_training_manifest("data/processed/manifest.csv", len(images))
     rows = manifest.row.to_numpy()
     norm = train.pixel_stats(images[rows])
-    x, y = augment.working_arrays(images[rows], masks[rows], (t.height, t.width))
+    x, y = transforms.working_arrays(images[rows], masks[rows], (t.height, t.width))
     folds = train.subject_folds(manifest.subject.to_numpy(), t.folds, p.seed)
     fold = train.Fold(0, x[folds != 0], y[folds != 0], x[folds == 0], y[folds == 0], norm, "")
     torch.manual_seed(p.seed)
     model = build_model(t).to(rt.device)
-    dataset = train.Samples(fold.x_train, fold.y_train, norm, augment.load("models/augment.json"), p.seed)
+    dataset = train.Samples(fold.x_train, fold.y_train, norm, artifacts.load_augmentation("models/augment.json"), p.seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True, drop_last=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=t.lr, total_steps=2 * args.pairs * len(loader))

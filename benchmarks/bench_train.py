@@ -22,7 +22,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import augment, train  # noqa: E402
+from pipeline import train, transforms
 from pipeline.model import build_model  # noqa: E402
 from pipeline.params import TrainParams, load_params  # noqa: E402
 
@@ -77,7 +77,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(rt.device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; model: {t.encoder} depth {t.encoder_depth}, decoder {list(t.decoder_channels)}, "
           f"presence head {t.presence_head}" + (", bf16 autocast, channels_last" if rt.amp else ""))
-    transform = augment.build(p.augment, p.seed)
+    transform = transforms.build(p.augment, p.seed)
     for size in [(t.height, t.width), FULL]:
         batch = args.batch or (64 if cuda else (t.batch_size if size != FULL else 4))
         iters = args.iters or (20 if cuda else 3)

@@ -16,36 +16,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.io import InputError, atomic_dir, write_csv, write_json
+from pipeline.artifacts import TRAIN_TRUTH, read_pairs, read_text_csv, read_train_truth, write_kept_manifest
+from pipeline.io import InputError, write_json
 from pipeline.params import Params
 
-PAIR_COLUMNS = ["id_a", "id_b", "has_mask_a", "has_mask_b", "contradictory"]
-TRUTH_COLUMNS = ["id", "corrupted"]
 EMPTY_VS_MASKED = "empty_vs_masked"
 MASK_DISAGREEMENT = "mask_disagreement"
-
-
-def _read_csv(path: Path, columns: list[str], hint: str) -> pd.DataFrame:
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found ({hint})") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: not a readable CSV ({exc})") from None
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
-    return table
-
-
-def _flags(table: pd.DataFrame, path: Path, columns: list[str]) -> pd.DataFrame:
-    """Boolean columns written as True/False; anything else is a broken file, not a silent False."""
-    for column in columns:
-        values = table[column].astype(str)
-        if not values.isin(["True", "False"]).all():
-            raise InputError(f"{path}: column {column} must hold True/False, got {sorted(set(values))[:3]}")
-        table[column] = values == "True"
-    return table
 
 
 def drop_reasons(pairs: pd.DataFrame, policy: str) -> pd.Series:
@@ -87,19 +63,17 @@ def run(params: Params, *, interim: str | Path, dedup: str | Path, raw: str | Pa
     params = params.clean
     interim_dir, dedup_dir, raw_dir = Path(interim), Path(dedup), Path(raw)
     # Read as text, so the kept rows are written back exactly as the load stage wrote them.
-    manifest = _read_csv(interim_dir / "manifest.csv", ["id", "split"], "run the load stage first")
+    manifest = read_text_csv(interim_dir / "manifest.csv", ["id", "split"], "run the load stage first")
     train = manifest[manifest.split == "train"]
     pairs_path = dedup_dir / "pairs.csv"
-    pairs = _flags(_read_csv(pairs_path, PAIR_COLUMNS, "run the dedup stage first"), pairs_path,
-                   ["has_mask_a", "has_mask_b", "contradictory"])
+    pairs = read_pairs(dedup_dir)
     unknown = sorted((set(pairs.id_a) | set(pairs.id_b)) - set(train.id))
     if unknown:
         raise InputError(f"{pairs_path}: {len(unknown)} id(s) not among the train images of "
                          f"{interim_dir / 'manifest.csv'}, e.g. {', '.join(unknown[:5])} (stale dedup output?)")
     reasons = drop_reasons(pairs, params.policy)
     kept = train[~train.id.isin(reasons.index)]
-    with atomic_dir(out) as tmp:
-        write_csv(tmp / "manifest.csv", kept)
+    write_kept_manifest(out, kept)
     counts = reasons.value_counts()
     summary: dict[str, float] = {
         "train_images": int(len(train)),
@@ -109,9 +83,9 @@ def run(params: Params, *, interim: str | Path, dedup: str | Path, raw: str | Pa
         f"dropped_{MASK_DISAGREEMENT}": int(counts.get(MASK_DISAGREEMENT, 0)),
         "contradictory_pairs": int(pairs.contradictory.sum()),
     }
-    truth_path = raw_dir / "truth" / "train_truth.csv"
-    if truth_path.is_file():
-        truth = _flags(_read_csv(truth_path, TRUTH_COLUMNS, "generator truth"), truth_path, ["corrupted"])
+    truth = read_train_truth(raw_dir)
+    if truth is not None:
+        truth_path = raw_dir / TRAIN_TRUTH
         missing = sorted(set(train.id) - set(truth.id))
         if missing:
             raise InputError(f"{truth_path}: no truth for {len(missing)} train image(s), e.g. "

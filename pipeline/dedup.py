@@ -28,8 +28,8 @@ from scipy.sparse.csgraph import connected_components
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from pipeline.io import InputError, atomic_dir, save_figure, write_csv, write_json
-from pipeline.load import open_arrays, read_manifest
+from pipeline.artifacts import open_arrays, read_manifest, write_pairs
+from pipeline.io import InputError, save_figure, write_json
 from pipeline.metrics import dice_per_image
 from pipeline.params import Params, ParamsError
 
@@ -241,9 +241,7 @@ def run(params: Params, *, interim: str | Path, out: str | Path, reports: str | 
                                            params.min_pair_dice)
     labels = group_labels(len(images), rows_a, rows_b)
     group_sizes = np.bincount(labels)
-    with atomic_dir(out) as tmp:
-        write_csv(tmp / "pairs.csv", pairs)
-        write_csv(tmp / "groups.csv", pd.DataFrame({"id": ids, "group": labels}))
+    write_pairs(out, pairs, pd.DataFrame({"id": ids, "group": labels}))
     shown = np.flatnonzero(pairs.contradictory.to_numpy())
     shown = shown[np.argsort(distance[shown], kind="stable")][: params.gallery_pairs]
     n_bad = int(pairs.contradictory.sum())

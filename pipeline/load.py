@@ -20,12 +20,11 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipeline import layouts, rle
-from pipeline.io import InputError, atomic_dir, read_image, read_mask, write_csv, write_json, write_npy
+from pipeline.artifacts import MANIFEST_COLUMNS, write_interim
+from pipeline.io import InputError, read_image, read_mask, write_json
 from pipeline.params import Params
 
 T = TypeVar("T")
-MANIFEST_COLUMNS = ["id", "split", "row", "subject", "frame", "has_mask", "mask_area", "height", "width",
-                    "path", "mask_path"]
 
 
 def _read_all(items: list[str], reader: Callable[[str], T], desc: str, problems: list[str]) -> list[T | None]:
@@ -112,11 +111,8 @@ def run(params: Params, *, raw: str | Path, out: str | Path, metrics: str | Path
     test = test.assign(split="test", row=np.arange(len(test)), has_mask=pd.NA, mask_area=pd.NA,
                        subject=pd.NA, frame=pd.NA, mask_path="", **size)
     manifest = pd.concat([train, test], ignore_index=True)[MANIFEST_COLUMNS]
-    with atomic_dir(out) as tmp:
-        write_npy(tmp / "train_images.npy", train_images)
-        write_npy(tmp / "train_masks.npy", train_masks)
-        write_npy(tmp / "test_images.npy", test_images)
-        write_csv(tmp / "manifest.csv", manifest)
+    write_interim(out, train_images=train_images, train_masks=train_masks, test_images=test_images,
+                  manifest=manifest)
     summary = {
         "train_images": int(len(train)), "test_images": int(len(test)),
         "subjects": int(train.subject.nunique()), "height": int(mask_shape[0]), "width": int(mask_shape[1]),
@@ -127,36 +123,3 @@ def run(params: Params, *, raw: str | Path, out: str | Path, metrics: str | Path
     }
     write_json(metrics, summary)
     return summary
-
-
-def read_manifest(interim_dir: str | Path) -> pd.DataFrame:
-    """The load stage's manifest, with the test ids kept as strings."""
-    path = Path(interim_dir) / "manifest.csv"
-    try:
-        manifest = pd.read_csv(path, dtype={"id": str, "mask_path": str}, keep_default_na=False,
-                               na_values={"subject": [""], "frame": [""], "has_mask": [""], "mask_area": [""]})
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found (run the load stage first)") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable manifest ({exc})") from None
-    missing = [c for c in ("id", "split", "row") if c not in manifest.columns]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (not written by the load stage?)")
-    return manifest
-
-
-def _open_array(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, mmap_mode="r")
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found (run the load stage first)") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise InputError(f"{path}: unreadable or truncated array ({exc or type(exc).__name__})") from None
-
-
-def open_arrays(interim_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Memory-mapped (images, masks) of one split; masks is None for the test split."""
-    d = Path(interim_dir)
-    images = _open_array(d / f"{split}_images.npy")
-    masks = _open_array(d / f"{split}_masks.npy") if split == "train" else None
-    return images, masks

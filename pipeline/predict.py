@@ -17,14 +17,14 @@ from tqdm import tqdm
 
 from pipeline import rle
 from pipeline.ids import id_sort_key, numeric_ids
+from pipeline.artifacts import (TEST_TRUTH, Thresholds, check_probabilities, open_arrays, read_manifest,
+                                read_thresholds)
 from pipeline.io import InputError, atomic_path, write_json
-from pipeline.load import open_arrays, read_manifest
 from pipeline.metrics import dice_per_image
 from pipeline.model import CheckpointError, input_channels, load_checkpoint, preprocess, split_outputs, to_native
 from pipeline.params import Params
-from pipeline.postprocess import Thresholds, apply, check_probabilities, read_thresholds
+from pipeline.postprocess import apply
 
-TRUTH = Path("truth") / "test_masks.csv"
 
 
 class Ensemble:
@@ -61,7 +61,7 @@ class Ensemble:
 
 def _truth(raw_dir: str | Path, ids: list[str], shape: tuple[int, int]) -> dict[str, str] | None:
     """The generator's true test masks (synthetic data only, Kaggle encoding), checked; else None."""
-    path = Path(raw_dir) / TRUTH
+    path = Path(raw_dir) / TEST_TRUTH
     if not path.exists():
         return None
     rle.validate_submission(path, ids, shape, numeric_ids=False)

@@ -24,10 +24,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.artifacts import (Thresholds, open_arrays, read_manifest, read_oof_presence, read_oof_scores,
+                                read_thresholds)
 from pipeline.io import InputError, read_json, write_text
-from pipeline.load import open_arrays, read_manifest
 from pipeline.params import Params
-from pipeline.postprocess import Thresholds, keep, read_thresholds
+from pipeline.postprocess import keep
 from pipeline.render import Section, flatten, render_html, render_md
 from pipeline.rle import RLEError, decode, parse_runs
 
@@ -39,8 +40,6 @@ STAGES = (  # (stage, what its metrics mean)
     ("tune", "out-of-fold Dice at native size: tuned, at default thresholds, without presence gate, all-empty"),
     ("predict", "test predictions (synthetic data: Dice against the generator's true test masks)"),
 )
-SCORE_COLUMNS = ("id", "presence_prob", "truth_area", "predicted_area", "dice", "truth_empty", "predicted_empty",
-                 "rle")  # reports/tune/oof_scores.csv, written by the tune stage
 TITLE, HEADING = "nerveseg report", "Nerve segmentation: run report"
 
 
@@ -175,33 +174,12 @@ class OofResult:
 def read_scores(path: Path, oof: Path, interim: Path, shape: tuple[int, int]) -> OofResult:
     """The tune stage's per-image scores, checked against the train stage's oof.npz (same images, same
     presence probabilities: a stale file is named, not drawn) and placed in the load stage's arrays."""
-    try:
-        table = pd.read_csv(path, dtype={"id": str, "rle": str}, keep_default_na=False)
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found (run the tune stage)") from None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: unreadable ({exc})") from None
-    missing = [c for c in SCORE_COLUMNS if c not in table.columns]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (run the tune stage)")
-    try:
-        ids = table["id"].to_numpy(str)
-        presence = table["presence_prob"].to_numpy(np.float32)  # as train wrote it: float32 round-trips its text
-        numbers = {c: table[c].to_numpy(np.float64) for c in ("truth_area", "predicted_area", "dice")}
-        flags = {c: table[c].astype(str).str.lower().map({"true": True, "false": False}) for c in
-                 ("truth_empty", "predicted_empty")}
-        if any(f.isna().any() for f in flags.values()) or any(np.isnan(v).any() for v in numbers.values()):
-            raise ValueError("empty or non-boolean cells")
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{path}: unreadable values ({exc})") from None
+    table = read_oof_scores(path)
+    ids, presence = table["id"].to_numpy(str), table["presence_prob"].to_numpy(np.float32)
+    numbers = {c: table[c].to_numpy(np.float64) for c in ("truth_area", "predicted_area", "dice")}
+    flags = {c: table[c] for c in ("truth_empty", "predicted_empty")}
     npz = oof / "oof.npz"
-    try:
-        with np.load(npz, allow_pickle=False) as data:  # only these two small members are read
-            oof_ids, oof_presence = data["ids"].astype(str), data["presence_prob"].astype(np.float32)
-    except FileNotFoundError:
-        raise InputError(f"{npz}: out-of-fold predictions not found (run the train stage)") from None
-    except (OSError, ValueError, KeyError, EOFError) as exc:
-        raise InputError(f"{npz}: unreadable ({exc or type(exc).__name__})") from None
+    oof_ids, oof_presence = read_oof_presence(oof)
     if not (np.array_equal(ids, oof_ids) and np.array_equal(presence, oof_presence)):
         raise InputError(f"{path} does not describe the out-of-fold predictions in {npz} (other images or presence "
                          f"probabilities): run the tune stage again")

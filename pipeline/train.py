@@ -24,22 +24,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import diagnostics
-from pipeline.io import InputError, atomic_path
+from pipeline.artifacts import load_augmentation, open_arrays, read_training_manifest, write_oof
+from pipeline.codedeps import PACKAGE_DIR, code_files
 from pipeline.metrics import dice_per_image
 from pipeline.model import (CheckpointError, build_model, channels_first, check_encoder, read_checkpoint,
                             save_checkpoint, split_outputs)
 from pipeline.params import DiagnosticsParams, Params, TrainParams, to_dict
+from pipeline.transforms import apply, sample_seed, working_arrays
 
 GATE = 0.5  # pixel and presence threshold for the monitoring Dice; the tune stage picks the real ones
 PRESENCE_GRID = np.round(np.arange(0.05, 1.0, 0.05), 2)
 NOT_HASHED = ("workers", "threads")  # speed knobs: changing them must not restart training
-HASHED_CODE = ("train.py", "model.py", "augment.py", "metrics.py")  # a code change restarts training too
 
 
 class TrainingError(ValueError):
@@ -147,10 +147,7 @@ class Samples(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        from pipeline import augment
-
-        image, mask = augment.apply(self.transform, self.images[i], self.masks[i],
-                                    augment.sample_seed(self.seed, self.epoch, i))
+        image, mask = apply(self.transform, self.images[i], self.masks[i], sample_seed(self.seed, self.epoch, i))
         x = (channels_first(image[None])[0] - self.norm["mean"]) / self.norm["std"]
         return x, torch.from_numpy(np.ascontiguousarray(mask))[None].float()
 
@@ -427,30 +424,10 @@ def _run_hash(t: TrainParams, seed: int, norm: dict[str, float], augment_bytes: 
     h = hashlib.sha256()
     knobs = {k: v for k, v in to_dict(t).items() if k not in NOT_HASHED}
     h.update(json.dumps({"train": knobs, "seed": seed, "norm": norm}, sort_keys=True).encode())
-    code = [(Path(__file__).parent / name).read_bytes() for name in HASHED_CODE]
+    code = [(PACKAGE_DIR.parent / path).read_bytes() for path in code_files(__name__)]  # as dvc.yaml deps
     for part in (*code, augment_bytes, "\n".join(ids).encode(), x.tobytes(), y.tobytes(), folds.tobytes()):
         h.update(part)
     return h.hexdigest()
-
-
-def read_training_manifest(path: str | Path, n_rows: int) -> pd.DataFrame:
-    """The cleaned manifest's train rows; checks the columns training needs and the row range."""
-    path = Path(path)
-    try:
-        manifest = pd.read_csv(path, dtype={"id": str, "subject": str})
-    except FileNotFoundError:
-        raise InputError(f"{path}: manifest not found (run the clean stage)") from None
-    missing = {"id", "split", "row", "subject"} - set(manifest.columns)
-    if missing:
-        raise InputError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-    manifest = manifest[manifest.split == "train"].reset_index(drop=True)
-    if manifest.empty:
-        raise InputError(f"{path}: no training rows")
-    bad = manifest[(manifest.row < 0) | (manifest.row >= n_rows)]
-    if len(bad):
-        raise InputError(f"{path}: row {int(bad.row.iloc[0])} (id {bad.id.iloc[0]}) is outside the "
-                         f"{n_rows} training images of the load stage")
-    return manifest
 
 
 def run(params: Params, *, interim: str | Path, manifest: str | Path, augment: str | Path,
@@ -459,9 +436,6 @@ def run(params: Params, *, interim: str | Path, manifest: str | Path, augment: s
     t, seed, d = params.train, params.seed, params.diagnostics
     interim_dir, manifest_path, augment_path, models_dir, oof_dir, reports_dir = (
         interim, manifest, augment, models, oof, reports)
-    from pipeline import augment as augmentation
-    from pipeline.load import open_arrays
-
     began = time.perf_counter()
     check_encoder(t.encoder)  # a typo fails here, before loading data or joining torchrun's group
     rt = setup_runtime(t)
@@ -471,9 +445,9 @@ def run(params: Params, *, interim: str | Path, manifest: str | Path, augment: s
         images, masks = open_arrays(interim_dir, "train")
         table = read_training_manifest(manifest_path, len(images))
         rows = table.row.to_numpy()
-        transform = augmentation.load(augment_path)
+        transform = load_augmentation(augment_path)
         norm = pixel_stats(images[rows])
-        x, y = augmentation.working_arrays(images[rows], masks[rows], (t.height, t.width))
+        x, y = working_arrays(images[rows], masks[rows], (t.height, t.width))
         folds = subject_folds(table.subject.to_numpy(), t.folds, seed)
         run_hash = _run_hash(t, seed, norm, Path(augment_path).read_bytes(), table.id.tolist(), x, y, folds)
         live = _open_live(reports_dir) if rt.main else None
@@ -493,8 +467,7 @@ def run(params: Params, *, interim: str | Path, manifest: str | Path, augment: s
         val_rows = np.concatenate(oof_rows)
         probs, presence = np.concatenate(oof_probs), np.concatenate(oof_presence)
         ids = table.id.to_numpy()[val_rows].astype(str)
-        with atomic_path(Path(oof_dir) / "oof.npz") as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, ids=ids, mask_prob=probs, presence_prob=presence)
+        write_oof(oof_dir, ids=ids, mask_prob=probs, presence_prob=presence)
         overall = evaluate(probs, presence, y[val_rows])
         seconds = time.perf_counter() - began
         summary = {**{k: round(v, 4) for k, v in overall.items()},

@@ -18,47 +18,16 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
+from pipeline.artifacts import (SCORE_COLUMNS, Thresholds, open_arrays, read_manifest, read_oof, write_oof_scores,
+                                write_thresholds)
 from pipeline.io import InputError, save_figure, write_csv, write_json
-from pipeline.load import open_arrays, read_manifest
 from pipeline.metrics import dice_from_counts, dice_per_image
 from pipeline.model import to_native
 from pipeline.params import Params, TuneParams
-from pipeline.postprocess import Thresholds, apply, check_probabilities, keep
+from pipeline.postprocess import apply, keep
 from pipeline.rle import encode
 
 CHUNK = 32  # images upsampled at once: 32 x 420 x 580 float32 is about 31 MB
-OOF_KEYS = ("ids", "mask_prob", "presence_prob")
-SCORE_COLUMNS = ("id", "presence_prob", "truth_area", "predicted_area", "dice", "truth_empty", "predicted_empty",
-                 "rle")
-
-
-def load_oof(oof_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids, mask_prob (N,h,w), presence_prob (N,) float32) from the train stage's oof.npz, checked."""
-    path = Path(oof_dir) / "oof.npz"
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = [k for k in OOF_KEYS if k not in data]
-            if missing:
-                raise InputError(f"{path}: missing key(s) {', '.join(missing)} (expected {', '.join(OOF_KEYS)})")
-            ids, mask_prob, presence = (data[k] for k in OOF_KEYS)
-    except FileNotFoundError:
-        raise InputError(f"{path}: out-of-fold predictions not found (run the train stage)") from None
-    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file (click would say just "Aborted")
-        hint = "; save ids as a str array, not objects" if "allow_pickle" in str(exc) else ""
-        raise InputError(f"{path}: unreadable ({exc or type(exc).__name__}{hint})") from None
-    n = len(ids)
-    if n == 0 or mask_prob.ndim != 3 or mask_prob.shape[0] != n or presence.shape != (n,):
-        raise InputError(f"{path}: inconsistent shapes: ids {ids.shape}, mask_prob {mask_prob.shape}, "
-                         f"presence_prob {presence.shape}")
-    ids = ids.astype(str)
-    names, counts = np.unique(ids, return_counts=True)
-    if (counts > 1).any():
-        dup = names[counts > 1]
-        raise InputError(f"{path}: {len(dup)} id(s) appear more than once in the out-of-fold predictions, "
-                         f"e.g. {', '.join(dup[:5])} (each train image must be predicted by exactly one fold)")
-    for name, values in (("mask_prob", mask_prob), ("presence_prob", presence)):
-        check_probabilities(values, f"{path}: {name}", ids)
-    return ids, mask_prob, presence.astype(np.float32)
 
 
 def train_rows(interim_dir: str | Path, ids: np.ndarray) -> np.ndarray:
@@ -201,7 +170,7 @@ def oof_scores(ids: np.ndarray, mask_prob: np.ndarray, presence_prob: np.ndarray
 def run(params: Params, *, oof: str | Path, interim: str | Path, out: str | Path, reports: str | Path
         ) -> dict[str, float]:
     """Write the chosen thresholds to `out`; the grid, plots, per-image OOF scores and metrics to `reports`."""
-    ids, mask_prob, presence_prob = load_oof(oof)
+    ids, mask_prob, presence_prob = read_oof(oof)
     rows = train_rows(interim, ids)
     _, truth = open_arrays(interim, "train")
     grid, chosen, metrics = search(mask_prob, truth, rows, presence_prob, params.tune)
@@ -210,7 +179,7 @@ def run(params: Params, *, oof: str | Path, interim: str | Path, out: str | Path
     for name in ("pixel", "presence", "min_area"):  # profile: best Dice at each value of one threshold
         write_csv(reports / f"dice_vs_{name}.csv", grid.groupby(name, as_index=False)["dice"].max().round(6))
     _heatmap(grid, chosen.pixel, reports / "heatmap.png")
-    write_csv(reports / "oof_scores.csv", oof_scores(ids, mask_prob, presence_prob, truth, rows, chosen))
+    write_oof_scores(reports / "oof_scores.csv", oof_scores(ids, mask_prob, presence_prob, truth, rows, chosen))
     write_json(reports / "metrics.json", metrics)
-    write_json(out, chosen.to_dict())
+    write_thresholds(out, chosen)
     return metrics

@@ -7,7 +7,7 @@ import json
 import albumentations as A
 import numpy as np
 
-from pipeline import augment
+from pipeline import artifacts, augment, transforms
 from pipeline.params import AugmentParams, Params, TrainParams
 
 GEOMETRY = AugmentParams(hflip_p=0.5, vflip_p=0.5, affine_p=1.0, shift=0.1, scale=0.2, rotate=30.0,
@@ -22,24 +22,24 @@ def _blob(h: int = 64, w: int = 80) -> np.ndarray:
 
 def test_saved_pipeline_round_trips_and_uses_affine(tmp_path) -> None:
     path = tmp_path / "augment.json"
-    augment.save(augment.build(AugmentParams(), seed=3), path)
+    artifacts.save_augmentation(transforms.build(AugmentParams(), seed=3), path)
     names = [t["__class_fullname__"] for t in json.loads(path.read_text())["transform"]["transforms"]]
     assert "Affine" in names and "ShiftScaleRotate" not in names
-    loaded = augment.load(path)
+    loaded = artifacts.load_augmentation(path)
     image = np.random.default_rng(0).random((64, 80), dtype=np.float32)
     mask = _blob()
-    a = augment.apply(augment.build(AugmentParams(), seed=3), image, mask, seed=11)
-    b = augment.apply(loaded, image, mask, seed=11)
+    a = transforms.apply(transforms.build(AugmentParams(), seed=3), image, mask, seed=11)
+    b = transforms.apply(loaded, image, mask, seed=11)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
 def test_same_seed_same_sample_and_transforms_draw_independently() -> None:
-    transform = augment.build(dataclasses.replace(GEOMETRY, affine_p=0.0, elastic_p=0.0), seed=0)
+    transform = transforms.build(dataclasses.replace(GEOMETRY, affine_p=0.0, elastic_p=0.0), seed=0)
     mask = _blob()
     outcomes = set()
     for s in range(40):
-        _, m = augment.apply(transform, mask.astype(np.float32), mask, seed=s)
-        _, again = augment.apply(transform, mask.astype(np.float32), mask, seed=s)
+        _, m = transforms.apply(transform, mask.astype(np.float32), mask, seed=s)
+        _, again = transforms.apply(transform, mask.astype(np.float32), mask, seed=s)
         assert np.array_equal(m, again)
         outcomes.add((np.array_equal(m, mask[:, ::-1]), np.array_equal(m, mask[::-1]),
                       np.array_equal(m, mask[::-1, ::-1])))
@@ -48,12 +48,12 @@ def test_same_seed_same_sample_and_transforms_draw_independently() -> None:
 
 
 def test_augmentation_keeps_image_and_mask_aligned() -> None:
-    transform = augment.build(GEOMETRY, seed=0)
+    transform = transforms.build(GEOMETRY, seed=0)
     mask = _blob()
     image = mask.astype(np.float32)  # the image *is* the mask: any misalignment shows
     moved = 0
     for s in range(30):
-        img, m = augment.apply(transform, image, mask, seed=s)
+        img, m = transforms.apply(transform, image, mask, seed=s)
         assert img.shape == m.shape == mask.shape and set(np.unique(m)) <= {0, 1}
         agree = ((img > 0.5) == (m > 0)).mean()
         overlap = ((img > 0.5) & (m > 0)).sum() / max(1, ((img > 0.5) | (m > 0)).sum())
@@ -66,7 +66,7 @@ def test_working_arrays_resize_images_like_preprocess_and_threshold_masks() -> N
     images = np.tile(np.linspace(0, 255, 120, dtype=np.uint8), (2, 84, 1))
     masks = np.zeros((2, 84, 120), np.uint8)
     masks[1, 20:60, 30:90] = 1
-    x, y = augment.working_arrays(images, masks, (42, 60))
+    x, y = transforms.working_arrays(images, masks, (42, 60))
     assert x.shape == y.shape == (2, 42, 60) and x.dtype == np.float32 and y.dtype == np.uint8
     assert 0.0 <= x.min() and x.max() <= 1.0
     assert y[0].sum() == 0 and y[1, 10:30, 15:45].all() and y[1].sum() == 20 * 30
@@ -75,6 +75,6 @@ def test_working_arrays_resize_images_like_preprocess_and_threshold_masks() -> N
 def test_stage_writes_pipeline_and_preview(tiny_interim, tmp_path) -> None:
     params = Params(seed=7, augment=AugmentParams(preview_samples=4), train=TrainParams(height=48, width=64))
     summary = augment.run(params, interim=tiny_interim, out=tmp_path / "a.json", preview=tmp_path / "p" / "preview.png")
-    assert isinstance(augment.load(tmp_path / "a.json"), A.Compose)
+    assert isinstance(artifacts.load_augmentation(tmp_path / "a.json"), A.Compose)
     assert (tmp_path / "p" / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["preview_samples"] == 4

@@ -2,7 +2,6 @@
 hook-up, and that a checkpoint predicts the same in a fresh process (normalisation travels with it)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -15,11 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import augment, diagnostics, train
+from pipeline import artifacts, diagnostics, train, transforms
 from pipeline.diagnostics import (GradTracker, Monitor, bottleneck_features, capture, dead_fractions, filter_grid,
                                   gradient_warnings, init_stds, one_class, pca_spectrum, plateau_epochs,
                                   presence_attribution, relu_alive, weight_norms)
-from pipeline.load import read_manifest
+from pipeline.artifacts import read_manifest
 from pipeline.model import build_model, preprocess, split_outputs
 from pipeline.params import AugmentParams, DiagnosticsParams, Params, TrainParams
 
@@ -249,7 +248,7 @@ def inputs(tiny_interim: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     d = tmp_path_factory.mktemp("diag_inputs")
     manifest = read_manifest(tiny_interim)
     manifest[manifest.split == "train"].to_csv(d / "manifest.csv", index=False)
-    augment.save(augment.build(AugmentParams(), seed=1), d / "augment.json")
+    artifacts.save_augmentation(transforms.build(AugmentParams(), seed=1), d / "augment.json")
     return {"interim": tiny_interim, "manifest": d / "manifest.csv", "augment": d / "augment.json"}
 
 
@@ -326,7 +325,7 @@ def test_report_shows_the_warnings_and_figures(trained: Path, tmp_path: Path) ->
 def test_validation_and_prediction_feed_the_network_the_same_numbers(tiny_interim: Path) -> None:
     images = np.load(tiny_interim / "train_images.npy")[:6]
     norm = train.pixel_stats(images)
-    working, _ = augment.working_arrays(images, np.zeros_like(images), (64, 64))
+    working, _ = transforms.working_arrays(images, np.zeros_like(images), (64, 64))
     at_validation = (torch.from_numpy(working)[:, None] - norm["mean"]) / norm["std"]  # train.predict's input
     assert torch.equal(at_validation, preprocess(images, (64, 64), norm["mean"], norm["std"]))
 

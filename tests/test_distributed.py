@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import yaml
 
-from pipeline import augment, train
-from pipeline.load import open_arrays, read_manifest
+from pipeline import artifacts, train, transforms
+from pipeline.artifacts import open_arrays, read_manifest
 from pipeline.model import load_checkpoint
 from pipeline.params import AugmentParams, TrainParams, to_dict
 
@@ -33,7 +33,7 @@ def test_two_cpu_ranks_match_a_single_process_evaluation(tiny_interim: Path, tmp
     train_rows = manifest[manifest.split == "train"]
     train_rows = train_rows[train_rows.groupby("subject").cumcount() > 0]
     train_rows.to_csv(tmp_path / "manifest.csv", index=False)
-    augment.save(augment.build(AugmentParams(), seed=1), tmp_path / "augment.json")
+    artifacts.save_augmentation(transforms.build(AugmentParams(), seed=1), tmp_path / "augment.json")
     params = {"seed": SEED, "train": to_dict(TINY), "diagnostics": {"enabled": False}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
 
@@ -56,7 +56,7 @@ def test_two_cpu_ranks_match_a_single_process_evaluation(tiny_interim: Path, tmp
     assert oof["ids"].tolist() == train_rows.id.astype(str).to_numpy()[val].tolist()
 
     model, state = load_checkpoint(tmp_path / "models" / "fold_0" / "best.pt")
-    x, y = augment.working_arrays(images[rows], masks[rows], (TINY.height, TINY.width))
+    x, y = transforms.working_arrays(images[rows], masks[rows], (TINY.height, TINY.width))
     fold = train.Fold(0, x[folds != 0], y[folds != 0], x[val], y[val], state["norm"], "")
     torch.set_num_threads(1)
     probs, presence, _ = train.predict(model, fold.x_val, fold.y_val, fold, TINY,

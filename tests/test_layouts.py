@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import load, rle, synth
+from pipeline import artifacts, load, rle, synth
 from pipeline.io import InputError
 from pipeline.params import DataParams, Params, SynthParams
 
@@ -24,8 +24,8 @@ def datasets(tmp_path_factory):
 
 def _load(raw, data, tmp_path):
     summary = load.run(Params(data=data), raw=raw, out=tmp_path / "interim", metrics=tmp_path / "m.json")
-    images, masks = load.open_arrays(tmp_path / "interim", "train")
-    return summary, load.read_manifest(tmp_path / "interim"), images, masks
+    images, masks = artifacts.open_arrays(tmp_path / "interim", "train")
+    return summary, artifacts.read_manifest(tmp_path / "interim"), images, masks
 
 
 @pytest.mark.parametrize("layout, group_column", [("folders", None), ("folders", "group"), ("csv", "group"),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import load
+from pipeline import artifacts, load
 from pipeline.io import InputError, read_json
 from pipeline.params import DataParams, Params
 
@@ -20,9 +20,9 @@ def _run(raw, tmp_path):
 
 
 def test_loads_arrays_manifest_and_metrics(tiny_interim, tiny_raw):
-    manifest = load.read_manifest(tiny_interim)
-    images, masks = load.open_arrays(tiny_interim, "train")
-    test_images, _ = load.open_arrays(tiny_interim, "test")
+    manifest = artifacts.read_manifest(tiny_interim)
+    images, masks = artifacts.open_arrays(tiny_interim, "train")
+    test_images, _ = artifacts.open_arrays(tiny_interim, "test")
     train = manifest[manifest.split == "train"]
     assert images.shape == masks.shape == (30, 96, 128) and test_images.shape == (6, 96, 128)
     assert set(np.unique(masks)) <= {0, 1}
@@ -87,8 +87,8 @@ def test_rgb_image_converted_to_gray_and_counted(raw, tmp_path):
     Image.fromarray(np.stack([gray] * 3, axis=2)).save(raw / "train" / "2_3.tif")
     summary = _run(raw, tmp_path)
     assert summary["colour_images_converted_to_gray"] == 1
-    images, _ = load.open_arrays(tmp_path / "interim", "train")
-    row = load.read_manifest(tmp_path / "interim").set_index("id").loc["2_3", "row"]
+    images, _ = artifacts.open_arrays(tmp_path / "interim", "train")
+    row = artifacts.read_manifest(tmp_path / "interim").set_index("id").loc["2_3", "row"]
     assert np.array_equal(images[row], gray)
 
 
@@ -127,7 +127,7 @@ def test_zero_one_masks_accepted(raw, tmp_path):
     Image.fromarray(mask).save(raw / "train" / "1_1_mask.tif")
     summary = _run(raw, tmp_path)
     assert summary["train_images"] == 30
-    manifest = load.read_manifest(tmp_path / "interim")
+    manifest = artifacts.read_manifest(tmp_path / "interim")
     assert manifest.set_index("id").loc["1_1", "mask_area"] == 100
 
 
@@ -177,7 +177,7 @@ def test_test_folder_rule_dot_files_skipped_and_upper_case_suffix_read(raw, tmp_
     assert [i for i, _ in listed] == ["1", "2", "3", "4", "5", "6", "7"]
     assert listed[-1][1].name == "7.TIF"
     assert _run(raw, tmp_path)["test_images"] == 7
-    ids = load.read_manifest(tmp_path / "interim").query("split == 'test'").id.tolist()
+    ids = artifacts.read_manifest(tmp_path / "interim").query("split == 'test'").id.tolist()
     assert ids == ["1", "2", "3", "4", "5", "6", "7"]
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from pipeline.io import InputError
-from pipeline.postprocess import Thresholds, apply, binarize, read_thresholds
+from pipeline.artifacts import Thresholds, read_thresholds
+from pipeline.postprocess import apply, binarize
 
 
 def test_pixel_threshold_is_strict():

@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 from pipeline import predict, rle
 from pipeline.cli import app
 from pipeline.io import InputError
-from pipeline.load import open_arrays
+from pipeline.artifacts import open_arrays
 from pipeline.metrics import dice_per_image
 from pipeline.model import CheckpointError, build_model, save_checkpoint
 from pipeline.params import Params, PredictParams, TrainParams
-from pipeline.postprocess import Thresholds
+from pipeline.artifacts import Thresholds
 from pipeline.rle import SubmissionError
 
 TINY = TrainParams(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 8), height=64, width=64)

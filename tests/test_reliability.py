@@ -38,14 +38,15 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 from typer.testing import CliRunner
 
-from pipeline import augment, dedup, train, tune
+from pipeline import artifacts, dedup, train, transforms, tune
 from pipeline.atomic import LEDGER
 from pipeline.cli import app
-from pipeline.load import read_manifest
+from pipeline.artifacts import read_manifest
 from pipeline.metrics import dice_from_counts, dice_per_image, mean_dice
 from pipeline.model import build_model, save_checkpoint
 from pipeline.params import AugmentParams, DedupParams, Params, TrainParams, TuneParams
-from pipeline.postprocess import Thresholds, apply, binarize
+from pipeline.artifacts import Thresholds
+from pipeline.postprocess import apply, binarize
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TrainParams(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 4), height=64, width=64,
@@ -95,7 +96,7 @@ def good(tiny_raw: Path, tiny_interim: Path, tmp_path_factory: pytest.TempPathFa
     train_rows = manifest[manifest.split == "train"]
     (d / "processed").mkdir()
     train_rows.to_csv(d / "processed" / "manifest.csv", index=False)
-    augment.save(augment.build(AugmentParams(), seed=5), d / "augment.json")
+    artifacts.save_augmentation(transforms.build(AugmentParams(), seed=5), d / "augment.json")
     torch.manual_seed(0)
     save_checkpoint(d / "models" / "fold_0" / "best.pt", build_model(TINY), TINY, NORM)
     (d / "thresholds.json").write_text(json.dumps(Thresholds().to_dict()))

@@ -15,11 +15,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import report
+from pipeline import artifacts, report
 from pipeline.io import write_csv
-from pipeline.load import open_arrays, read_manifest
+from pipeline.artifacts import open_arrays, read_manifest
 from pipeline.params import Params, ReportParams
-from pipeline.postprocess import keep, read_thresholds
+from pipeline.artifacts import read_thresholds
+from pipeline.postprocess import keep
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 TUNE = {"dice_best": 0.81234, "dice_default": 0.70111, "dice_no_presence_gate": 0.6502, "dice_all_empty": 0.5333,
@@ -71,7 +72,7 @@ def _scores(d: Path, interim: Path) -> None:
     """What the tune stage writes beside its grid: per-image scores at the chosen thresholds."""
     from pipeline import tune
 
-    ids, mask_prob, presence = tune.load_oof(d / "oof")
+    ids, mask_prob, presence = artifacts.read_oof(d / "oof")
     _, masks = open_arrays(interim, "train")
     scores = tune.oof_scores(ids, mask_prob, presence, masks, tune.train_rows(interim, ids),
                              read_thresholds(d / "thresholds.json"))
@@ -241,7 +242,6 @@ def test_report_on_tiny_images_skips_the_outlines_it_cannot_draw(tmp_path, shape
     """Images under 2x2 pixels: matplotlib cannot contour them (TypeError); the page still renders."""
     from pipeline import load
     from pipeline.io import write_tiff
-    from pipeline.params import DataParams
 
     raw = tmp_path / "raw"
     for s in (1, 2):

@@ -75,7 +75,7 @@ def test_decode_accepts_touching_runs_and_empty_cells():
 
 
 def test_decodes_the_loaded_training_masks_bit_for_bit(tiny_interim):
-    from pipeline.load import open_arrays
+    from pipeline.artifacts import open_arrays
 
     _, truth = open_arrays(tiny_interim, "train")
     for mask in truth:

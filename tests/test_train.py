@@ -13,9 +13,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import augment, train
+from pipeline import artifacts, train, transforms
 from pipeline.cli import app
-from pipeline.load import read_manifest
+from pipeline.artifacts import read_manifest
 from pipeline.params import AugmentParams, Params, TrainParams
 
 TINY = TrainParams(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 4), height=64, width=64,
@@ -28,7 +28,7 @@ def inputs(tiny_interim: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     d = tmp_path_factory.mktemp("train_inputs")
     manifest = read_manifest(tiny_interim)
     manifest[manifest.split == "train"].to_csv(d / "manifest.csv", index=False)
-    augment.save(augment.build(AugmentParams(), seed=1), d / "augment.json")
+    artifacts.save_augmentation(transforms.build(AugmentParams(), seed=1), d / "augment.json")
     return {"interim": tiny_interim, "manifest": d / "manifest.csv", "augment": d / "augment.json"}
 
 

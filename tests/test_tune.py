@@ -6,14 +6,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import tune
+from pipeline import artifacts, tune
 from pipeline.cli import app
 from pipeline.io import InputError
-from pipeline.load import open_arrays, read_manifest
+from pipeline.artifacts import open_arrays, read_manifest
 from pipeline.metrics import mean_dice
 from pipeline.model import to_native
 from pipeline.params import Params, ParamsError, TuneParams, parse_params
-from pipeline.postprocess import Thresholds, apply
+from pipeline.artifacts import Thresholds
+from pipeline.postprocess import apply
 
 PLANTED = TuneParams(pixel_thresholds=(0.5, 0.3, 0.4), presence_thresholds=(0.6, 0.7, 0.8), min_areas=(0, 50, 120))
 
@@ -121,10 +122,10 @@ def test_run_writes_per_image_oof_scores_at_the_chosen_thresholds(tiny_interim, 
                        reports=tmp_path / "reports")
     scores = pd.read_csv(tmp_path / "reports" / "oof_scores.csv", dtype={"id": str, "rle": str},
                          keep_default_na=False)
-    assert tuple(scores.columns) == tune.SCORE_COLUMNS
+    assert tuple(scores.columns) == artifacts.SCORE_COLUMNS
     assert list(scores.id) == list(train.id) and len(scores) == metrics["images"] == 30
     assert scores.dice.mean() == pytest.approx(metrics["dice_best"], abs=1e-5)
-    ids, mask_prob, presence = tune.load_oof(tmp_path / "oof")
+    ids, mask_prob, presence = artifacts.read_oof(tmp_path / "oof")
     assert np.array_equal(scores.presence_prob.to_numpy(np.float32), presence)  # float32 round-trips its text
     _, masks = open_arrays(tiny_interim, "train")
     truth = masks[train.row.to_numpy()].astype(bool)

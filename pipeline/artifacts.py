@@ -1,0 +1,325 @@
+"""Every file format passed between stages, with its one writer and its one reader.
+
+Why: a format written in one stage and parsed in another drifts unless one module owns it;
+and a stage must never import another stage's module. Who writes and who reads each:
+
+| artifact | writer | readers |
+|---|---|---|
+| interim arrays + `manifest.csv` | load | dedup, clean, augment, train, tune, predict, report |
+| `pairs.csv`, `groups.csv` | dedup | clean |
+| cleaned `manifest.csv` (kept train rows) | clean | train |
+| augmentation pipeline (albumentations JSON) | augment | train |
+| `oof.npz` (out-of-fold probabilities) | train | tune, report |
+| `thresholds.json` | tune | predict, report |
+| `oof_scores.csv` (per-image OOF scores) | tune | report |
+| synthetic truth (`truth/*.csv`) | synth | clean, predict |
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import InputError
+from pipeline.io import atomic_dir, atomic_path, read_json, write_csv, write_json, write_npy
+
+# ---------------------------------------------------------------- interim arrays + manifest (load)
+
+MANIFEST_COLUMNS = ["id", "split", "row", "subject", "frame", "has_mask", "mask_area", "height", "width",
+                    "path", "mask_path"]
+
+
+def write_interim(folder: str | Path, *, train_images: np.ndarray, train_masks: np.ndarray,
+                  test_images: np.ndarray, manifest: pd.DataFrame) -> None:
+    """`train_images.npy`, `train_masks.npy` (0/1), `test_images.npy` and `manifest.csv`, as one folder."""
+    with atomic_dir(folder) as tmp:
+        write_npy(tmp / "train_images.npy", train_images)
+        write_npy(tmp / "train_masks.npy", train_masks)
+        write_npy(tmp / "test_images.npy", test_images)
+        write_csv(tmp / "manifest.csv", manifest[MANIFEST_COLUMNS])
+
+
+def read_manifest(interim_dir: str | Path) -> pd.DataFrame:
+    """The load stage's manifest, with the test ids kept as strings."""
+    path = Path(interim_dir) / "manifest.csv"
+    try:
+        manifest = pd.read_csv(path, dtype={"id": str, "mask_path": str}, keep_default_na=False,
+                               na_values={"subject": [""], "frame": [""], "has_mask": [""], "mask_area": [""]})
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (run the load stage first)") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable manifest ({exc})") from None
+    missing = [c for c in ("id", "split", "row") if c not in manifest.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (not written by the load stage?)")
+    return manifest
+
+
+def _open_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (run the load stage first)") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise InputError(f"{path}: unreadable or truncated array ({exc or type(exc).__name__})") from None
+
+
+def open_arrays(interim_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Memory-mapped (images, masks) of one split; masks is None for the test split."""
+    d = Path(interim_dir)
+    images = _open_array(d / f"{split}_images.npy")
+    masks = _open_array(d / f"{split}_masks.npy") if split == "train" else None
+    return images, masks
+
+
+# ---------------------------------------------------------------- CSV tables of text cells
+
+def read_text_csv(path: Path, columns: Sequence[str], hint: str) -> pd.DataFrame:
+    """A CSV read as text (so rows written back stay byte-identical), checked for `columns`."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found ({hint})") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not a readable CSV ({exc})") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)}")
+    return table
+
+
+def _flags(table: pd.DataFrame, path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    """Boolean columns written as True/False; anything else is a broken file, not a silent False."""
+    for column in columns:
+        values = table[column].astype(str)
+        if not values.isin(["True", "False"]).all():
+            raise InputError(f"{path}: column {column} must hold True/False, got {sorted(set(values))[:3]}")
+        table[column] = values == "True"
+    return table
+
+
+# ---------------------------------------------------------------- near-duplicate pairs (dedup)
+
+PAIR_COLUMNS = ["id_a", "id_b", "distance", "has_mask_a", "has_mask_b", "mask_dice", "contradictory"]
+
+
+def write_pairs(folder: str | Path, pairs: pd.DataFrame, groups: pd.DataFrame) -> None:
+    """`pairs.csv` (one row per near-duplicate pair) and `groups.csv` (id, group), as one folder."""
+    with atomic_dir(folder) as tmp:
+        write_csv(tmp / "pairs.csv", pairs[PAIR_COLUMNS])
+        write_csv(tmp / "groups.csv", groups[["id", "group"]])
+
+
+def read_pairs(folder: str | Path) -> pd.DataFrame:
+    """The dedup stage's pairs: ids as text, the three flags as booleans."""
+    path = Path(folder) / "pairs.csv"
+    flags = ["has_mask_a", "has_mask_b", "contradictory"]
+    return _flags(read_text_csv(path, ["id_a", "id_b", *flags], "run the dedup stage first"), path, flags)
+
+
+# ---------------------------------------------------------------- cleaned manifest (clean)
+
+def write_kept_manifest(folder: str | Path, kept: pd.DataFrame) -> None:
+    """The kept train rows of the interim manifest, unchanged, as `manifest.csv` in one folder."""
+    with atomic_dir(folder) as tmp:
+        write_csv(tmp / "manifest.csv", kept)
+
+
+def read_training_manifest(path: str | Path, n_rows: int) -> pd.DataFrame:
+    """The cleaned manifest's train rows; checks the columns training needs and the row range."""
+    path = Path(path)
+    try:
+        manifest = pd.read_csv(path, dtype={"id": str, "subject": str})
+    except FileNotFoundError:
+        raise InputError(f"{path}: manifest not found (run the clean stage)") from None
+    missing = {"id", "split", "row", "subject"} - set(manifest.columns)
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    manifest = manifest[manifest.split == "train"].reset_index(drop=True)
+    if manifest.empty:
+        raise InputError(f"{path}: no training rows")
+    bad = manifest[(manifest.row < 0) | (manifest.row >= n_rows)]
+    if len(bad):
+        raise InputError(f"{path}: row {int(bad.row.iloc[0])} (id {bad.id.iloc[0]}) is outside the "
+                         f"{n_rows} training images of the load stage")
+    return manifest
+
+
+# ---------------------------------------------------------------- augmentation pipeline (augment)
+
+def save_augmentation(transform: Any, path: str | Path) -> None:
+    """An albumentations pipeline in albumentations' own JSON serialization."""
+    import albumentations as A
+
+    with atomic_path(path) as tmp:
+        A.save(transform, str(tmp), data_format="json")
+
+
+def load_augmentation(path: str | Path) -> Any:
+    import albumentations as A
+
+    path = Path(path)
+    try:
+        return A.load(str(path), data_format="json")
+    except FileNotFoundError:
+        raise InputError(f"{path}: augmentation pipeline not found (run the augment stage)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not an albumentations pipeline ({exc})") from None
+
+
+# ---------------------------------------------------------------- out-of-fold predictions (train)
+
+OOF_KEYS = ("ids", "mask_prob", "presence_prob")
+
+
+def write_oof(folder: str | Path, *, ids: np.ndarray, mask_prob: np.ndarray, presence_prob: np.ndarray) -> None:
+    """`oof.npz`: ids (str), mask_prob (N,h,w) at the working size, presence_prob (N,)."""
+    with atomic_path(Path(folder) / "oof.npz") as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, ids=np.asarray(ids, dtype=str), mask_prob=mask_prob, presence_prob=presence_prob)
+
+
+def read_oof(oof_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, mask_prob (N,h,w), presence_prob (N,) float32) from the train stage's oof.npz, checked."""
+    path = Path(oof_dir) / "oof.npz"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in OOF_KEYS if k not in data]
+            if missing:
+                raise InputError(f"{path}: missing key(s) {', '.join(missing)} (expected {', '.join(OOF_KEYS)})")
+            ids, mask_prob, presence = (data[k] for k in OOF_KEYS)
+    except FileNotFoundError:
+        raise InputError(f"{path}: out-of-fold predictions not found (run the train stage)") from None
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: an empty file (click would say just "Aborted")
+        hint = "; save ids as a str array, not objects" if "allow_pickle" in str(exc) else ""
+        raise InputError(f"{path}: unreadable ({exc or type(exc).__name__}{hint})") from None
+    n = len(ids)
+    if n == 0 or mask_prob.ndim != 3 or mask_prob.shape[0] != n or presence.shape != (n,):
+        raise InputError(f"{path}: inconsistent shapes: ids {ids.shape}, mask_prob {mask_prob.shape}, "
+                         f"presence_prob {presence.shape}")
+    ids = ids.astype(str)
+    names, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        dup = names[counts > 1]
+        raise InputError(f"{path}: {len(dup)} id(s) appear more than once in the out-of-fold predictions, "
+                         f"e.g. {', '.join(dup[:5])} (each train image must be predicted by exactly one fold)")
+    for name, values in (("mask_prob", mask_prob), ("presence_prob", presence)):
+        check_probabilities(values, f"{path}: {name}", ids)
+    return ids, mask_prob, presence.astype(np.float32)
+
+
+def read_oof_presence(oof_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, presence_prob float32) of oof.npz, without loading the mask probabilities."""
+    path = Path(oof_dir) / "oof.npz"
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return data["ids"].astype(str), data["presence_prob"].astype(np.float32)
+    except FileNotFoundError:
+        raise InputError(f"{path}: out-of-fold predictions not found (run the train stage)") from None
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise InputError(f"{path}: unreadable ({exc or type(exc).__name__})") from None
+
+
+def check_probabilities(values: np.ndarray, what: str, ids: np.ndarray | list[str]) -> None:
+    """Refuse NaN, inf or values outside [0, 1]: every threshold comparison with NaN is False, so
+    a NaN would silently become an empty mask (or a skipped gate) instead of an error."""
+    values = np.asarray(values)
+    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+    if bad.any():
+        per_image = bad.reshape(len(values), -1).any(axis=1)
+        kind = "NaN/inf" if not np.isfinite(values).all() else "values outside [0, 1]"
+        examples = ", ".join(str(i) for i in np.asarray(ids)[per_image][:5])
+        raise InputError(f"{what}: {kind} for {int(per_image.sum())} of {len(values)} image(s), e.g. {examples}")
+
+
+# ---------------------------------------------------------------- thresholds (tune)
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A pixel is foreground when its probability is above `pixel`; a mask is kept only if its
+    presence probability is at least `presence` and its area at least `min_area` native pixels."""
+    pixel: float = 0.5
+    presence: float = 0.5
+    min_area: int = 0
+
+    def to_dict(self) -> dict[str, float | int]:
+        return dataclasses.asdict(self)
+
+
+def write_thresholds(path: str | Path, thresholds: Thresholds) -> None:
+    write_json(path, thresholds.to_dict())
+
+
+def read_thresholds(path: str | Path) -> Thresholds:
+    """Load the tune stage's thresholds.json, refusing anything but three sane numbers."""
+    path = Path(path)
+    try:
+        raw = read_json(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: thresholds file not found (run the tune stage)") from None
+    except ValueError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    names = [f.name for f in dataclasses.fields(Thresholds)]
+    if not isinstance(raw, dict) or sorted(raw) != sorted(names):
+        raise InputError(f"{path}: expected exactly the keys {', '.join(names)}")
+    for name in ("pixel", "presence"):
+        v = raw[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
+            raise InputError(f"{path}: {name} must be a number in [0, 1], got {v!r}")
+    v = raw["min_area"]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise InputError(f"{path}: min_area must be a non-negative integer, got {v!r}")
+    return Thresholds(pixel=float(raw["pixel"]), presence=float(raw["presence"]), min_area=v)
+
+
+# ---------------------------------------------------------------- per-image OOF scores (tune)
+
+SCORE_COLUMNS = ("id", "presence_prob", "truth_area", "predicted_area", "dice", "truth_empty", "predicted_empty",
+                 "rle")
+
+
+def write_oof_scores(path: str | Path, scores: pd.DataFrame) -> None:
+    write_csv(path, scores[list(SCORE_COLUMNS)])
+
+
+def read_oof_scores(path: Path) -> pd.DataFrame:
+    """The tune stage's per-image scores: ids and RLE as text, numbers as float64, flags as bool."""
+    try:
+        table = pd.read_csv(path, dtype={"id": str, "rle": str}, keep_default_na=False)
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found (run the tune stage)") from None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: unreadable ({exc})") from None
+    missing = [c for c in SCORE_COLUMNS if c not in table.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (run the tune stage)")
+    try:
+        table["presence_prob"] = table["presence_prob"].to_numpy(np.float32)  # float32 round-trips its text
+        for column in ("truth_area", "predicted_area", "dice"):
+            table[column] = table[column].to_numpy(np.float64)
+        for column in ("truth_empty", "predicted_empty"):
+            table[column] = table[column].astype(str).str.lower().map({"true": True, "false": False})
+        if table[["truth_empty", "predicted_empty"]].isna().any().any() or \
+                table[["truth_area", "predicted_area", "dice"]].isna().any().any():
+            raise ValueError("empty or non-boolean cells")
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable values ({exc})") from None
+    return table
+
+
+# ---------------------------------------------------------------- synthetic truth (synth)
+
+TRAIN_TRUTH = Path("truth") / "train_truth.csv"   # id, corrupted, visible, twin_of, ...
+TEST_TRUTH = Path("truth") / "test_masks.csv"     # a submission of the true test masks (Kaggle encoding)
+
+
+def read_train_truth(raw_dir: str | Path) -> pd.DataFrame | None:
+    """The generator's per-frame truth (which frames it corrupted); None for real data."""
+    path = Path(raw_dir) / TRAIN_TRUTH
+    if not path.is_file():
+        return None
+    return _flags(read_text_csv(path, ["id", "corrupted"], "generator truth"), path, ["corrupted"])
