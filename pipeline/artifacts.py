@@ -13,6 +13,8 @@ and a stage must never import another stage's module. Who writes and who reads e
 | `thresholds.json` | tune | predict, report |
 | `oof_scores.csv` (per-image OOF scores) | tune | report |
 | synthetic truth (`truth/*.csv`) | synth | clean, predict |
+| `fingerprint.json` (what the dataset is like) | load | plan, report |
+| `plan.json` (every `auto` knob resolved) | plan | dedup, augment, train, tune, predict, report |
 """
 from __future__ import annotations
 
@@ -75,6 +77,20 @@ def open_arrays(interim_dir: str | Path, split: str) -> tuple[np.ndarray, np.nda
     images = _open_array(d / f"{split}_images.npy")
     masks = _open_array(d / f"{split}_masks.npy") if split == "train" else None
     return images, masks
+
+
+def size_groups(heights: Sequence[int], widths: Sequence[int]) -> list[tuple[tuple[int, int], np.ndarray]]:
+    """((height, width), positions) of each native size, largest group first.
+
+    Images of mixed sizes share one zero-padded array, each in its top-left corner: image k is
+    `images[k, :h, :w]`; code that works on whole arrays does so one size at a time.
+    """
+    sizes = np.stack([np.asarray(heights, np.int64), np.asarray(widths, np.int64)], axis=1).reshape(-1, 2)
+    if len(sizes) == 0:
+        return []
+    unique, inverse, counts = np.unique(sizes, axis=0, return_inverse=True, return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    return [((int(unique[g][0]), int(unique[g][1])), np.flatnonzero(inverse.ravel() == g)) for g in order]
 
 
 # ---------------------------------------------------------------- CSV tables of text cells
@@ -309,6 +325,48 @@ def read_oof_scores(path: Path) -> pd.DataFrame:
     except (TypeError, ValueError) as exc:
         raise InputError(f"{path}: unreadable values ({exc})") from None
     return table
+
+
+# ---------------------------------------------------------------- the plan (plan)
+
+@dataclass(frozen=True)
+class Plan:
+    """Resolved values of the `auto` knobs (dotted key -> value) and which of them were automatic."""
+    values: dict[str, Any]
+    automatic: tuple[str, ...]
+
+    def apply(self, params: Any) -> Any:
+        """`params` with each key that is still `auto` set to its resolved value (validated again);
+        a key `auto` in `params` but not in the plan is an error (a plan of other params)."""
+        for section in ("train", "dedup", "tune"):
+            for name, value in dataclasses.asdict(getattr(params, section)).items():
+                key = f"{section}.{name}"
+                if value != "auto":
+                    continue
+                if key not in self.values:
+                    raise InputError(f"{key} is auto, but the plan has no value for it (run the plan stage again)")
+                planned = self.values[key]
+                planned = tuple(planned) if isinstance(planned, list) else planned
+                params = dataclasses.replace(params, **{section: dataclasses.replace(getattr(params, section),
+                                                                                     **{name: planned})})
+        return params
+
+
+def write_plan(path: str | Path, plan: Plan, basis: dict[str, Any]) -> None:
+    """`plan.json`: the values (flat dotted keys, so `dvc exp show` lists them), the automatic keys,
+    and the facts they were resolved from."""
+    write_json(path, {"values": plan.values, "automatic": list(plan.automatic), "basis": basis})
+
+
+def read_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    try:
+        raw = read_json(path)
+        return Plan(dict(raw["values"]), tuple(raw["automatic"]))
+    except FileNotFoundError:
+        raise InputError(f"{path}: plan not found (run the plan stage)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path}: not a plan written by the plan stage ({exc})") from None
 
 
 # ---------------------------------------------------------------- synthetic truth (synth)

@@ -11,7 +11,7 @@ from typing import Any
 import albumentations as A
 import numpy as np
 
-from pipeline.artifacts import open_arrays, read_manifest, save_augmentation
+from pipeline.artifacts import open_arrays, read_manifest, read_plan, save_augmentation
 from pipeline.io import InputError, save_figure
 from pipeline.params import Params
 from pipeline.transforms import apply, build, sample_seed, working_arrays
@@ -42,8 +42,10 @@ def _preview(transform: A.Compose, images: np.ndarray, masks: np.ndarray, seed: 
     save_figure(fig, path)
 
 
-def run(params: Params, *, interim: str | Path, out: str | Path, preview: str | Path) -> dict[str, Any]:
+def run(params: Params, *, interim: str | Path, plan: str | Path, out: str | Path, preview: str | Path
+        ) -> dict[str, Any]:
     """Save the pipeline and a preview grid of training samples (half with a nerve) at the working size."""
+    params = read_plan(plan).apply(params)
     a, seed, size, interim_dir = params.augment, params.seed, (params.train.height, params.train.width), interim
     transform = build(a, seed)
     manifest = read_manifest(interim_dir)
@@ -58,7 +60,8 @@ def run(params: Params, *, interim: str | Path, out: str | Path, preview: str | 
     rows = np.sort(np.concatenate([rng.choice(with_mask, k, replace=False),
                                    rng.choice(without, min(len(without), n - k), replace=False)]).astype(int))
     images, masks = open_arrays(interim_dir, "train")
-    x, y = working_arrays(images[rows], masks[rows], size)
+    sizes = train.set_index("row").loc[rows, ["height", "width"]].to_numpy()
+    x, y = working_arrays(images[rows], masks[rows], size, sizes, params.train.resize)
     save_augmentation(transform, out)
     _preview(A.from_dict(A.to_dict(transform)), x, y, seed, Path(preview))  # as train will read it back
     return {"transforms": len(transform.transforms), "preview_samples": int(len(rows)),

@@ -46,7 +46,7 @@ def friendly_errors(func: F) -> F:
 
         known: tuple[type[Exception], ...] = (InputError, ParamsError, RLEError, SubmissionError)
         try:
-            from pipeline.model import CheckpointError
+            from pipeline.checkpoints import CheckpointError
             from pipeline.train import TrainingError
             known += (CheckpointError, TrainingError)
         except ImportError:  # torch missing: only the torch-free commands can run anyway
@@ -98,15 +98,21 @@ def _out(name: str, help: str, role: Role = "replace") -> PathOption:
 
 _INTERIM = "The load stage's folder (arrays and manifest)."
 _RAW = "Dataset folder; its truth/ (synthetic data only) is scored against."
+_PLAN = "The plan stage's JSON: the resolved `auto` knobs."
 STAGES = (
     Stage("synth", "Generate the embedded synthetic ultrasound dataset (train/, test/, truth/).", (
         _out("out", "Folder to write the Kaggle-layout dataset to."),)),
     Stage("load", "Read and validate the images and masks into compact arrays plus a manifest.", (
         _in("raw", "Dataset folder (layout per data.layout)."),
         _out("out", "Folder for the arrays and manifest."),
-        _out("metrics", "Where to write the summary metrics JSON."))),
+        _out("metrics", "Where to write the summary metrics JSON."),
+        _out("fingerprint", "Where to write the dataset's fingerprint JSON (sizes, intensities, areas, groups)."))),
+    Stage("plan", "Resolve every `auto` knob from the dataset's fingerprint and the device.", (
+        _in("fingerprint", "The load stage's fingerprint JSON."),
+        _out("out", "Where to write the plan JSON."))),
     Stage("dedup", "Find near-duplicate train frames (block histograms + cosine) and flag contradictory labels.", (
         _in("interim", _INTERIM),
+        _in("plan", _PLAN),
         _out("out", "Folder for pairs.csv and groups.csv."),
         _out("reports", "Folder for metrics.json and the audit gallery.png.", "folder"))),
     Stage("clean", "Drop train frames whose labels contradict a near-duplicate, per clean.policy.", (
@@ -117,6 +123,7 @@ STAGES = (
         _out("metrics", "Where to write the summary metrics JSON."))),
     Stage("augment", "Build the augmentation pipeline from params, save it, and draw a preview of augmented samples.", (
         _in("interim", _INTERIM),
+        _in("plan", _PLAN),
         _out("out", "Where to save the albumentations pipeline (JSON)."),
         _out("preview", "Where to write the preview grid PNG."))),
     Stage("train", "Train the U-Net + presence head on subject-grouped folds; resumes from last.pt. "
@@ -124,12 +131,14 @@ STAGES = (
         _in("interim", _INTERIM),
         _in("manifest", "The cleaned manifest: the rows to train on."),
         _in("augment", "The augment stage's saved pipeline."),
+        _in("plan", _PLAN),
         _out("models", "Folder for fold_K/best.pt (and last.pt while a fold is unfinished).", "persist"),
         _out("oof", "Folder for oof.npz (validation probabilities).", "folder"),
         _out("reports", "dvclive folder: metrics.json and per-epoch plots.", "folder"))),
     Stage("tune", "Pick pixel / presence / min-area thresholds by mean Dice on out-of-fold predictions.", (
         _in("oof", "The train stage's folder with oof.npz."),
         _in("interim", _INTERIM),
+        _in("plan", _PLAN),
         _out("out", "Where to write the chosen thresholds (JSON)."),
         _out("reports", "Folder for grid.csv, the plots and metrics.json.", "folder"))),
     Stage("predict", "Predict the test images and write a validated run-length-encoded submission.", (

@@ -1,7 +1,7 @@
 """Dedup stage: near-duplicate frames by block histograms and cosine distance.
 
-Each image becomes one vector: the image is cut into `block_size` squares and
-each square gets its own `bins`-bin intensity histogram over 0..255, concatenated
+Each image becomes one vector: the image is cut into a `grid` of rows x cols blocks and
+each block gets its own `bins`-bin intensity histogram over 0..255, concatenated
 block by block. Two frames are near-duplicates when the cosine distance of their
 vectors is below `threshold`. Pairs whose masks disagree (one empty and one not,
 or both non-empty with a Dice below `min_pair_dice`) are contradictory labels;
@@ -28,48 +28,57 @@ from scipy.sparse.csgraph import connected_components
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from pipeline.artifacts import open_arrays, read_manifest, write_pairs
+from pipeline.artifacts import open_arrays, read_manifest, read_plan, size_groups, write_pairs
 from pipeline.io import InputError, save_figure, write_json
 from pipeline.metrics import dice_per_image
-from pipeline.params import Params, ParamsError
+from pipeline.params import Params
 
 EXACT_BATCH = 1024   # candidate pairs re-checked in float64 at once (two 1024 x D float64 buffers)
 DICE_BATCH = 32      # mask pairs compared at once (2 x 32 full-size masks in memory)
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def block_ids(height: int, width: int, grid: tuple[int, int]) -> np.ndarray:
+    """(height, width) block index of each pixel, row-major, for a rows x cols grid whose edges
+    come from linspace: any size fits (blocks differ by at most a pixel); at 420x580 with
+    [21, 29] every block is exactly 20x20."""
+    rows, cols = grid
+    row_of = np.searchsorted(np.linspace(0, height, rows + 1).round()[1:-1], np.arange(height), side="right")
+    col_of = np.searchsorted(np.linspace(0, width, cols + 1).round()[1:-1], np.arange(width), side="right")
+    return row_of[:, None] * cols + col_of[None, :]
 
 
-def block_histograms(images: np.ndarray, block_size: int, bins: int, progress: bool = True) -> np.ndarray:
+def block_histograms(images: np.ndarray, grid: tuple[int, int], bins: int, sizes: np.ndarray | None = None,
+                     progress: bool = True) -> np.ndarray:
     """Per-block intensity histograms of uint8 images (N, H, W[, C]) -> counts (N, blocks * bins).
 
     Feature k * bins + j counts the values v of block k (blocks in row-major order; all channels
     of a colour block together) with bin j = floor(v * bins / 256), i.e. exactly
     `np.histogram(block, bins, range=(0, 256))`. Each value's (block, bin) pair becomes one
-    integer, counted with a single `bincount` per image. Counts use the smallest unsigned type
-    that holds a full block (uint16 at the defaults), to keep 100,000 feature rows small.
+    integer, counted with a single `bincount` per image. `sizes` gives each image's native
+    (height, width) when images of mixed sizes share one padded array: each gets its own grid.
     """
     if images.ndim not in (3, 4) or images.dtype != np.uint8:
         raise InputError(f"images: expected uint8 (N, H, W) or (N, H, W, C), got {images.dtype} {images.shape}")
-    height, width = images.shape[1:3]
-    if height % block_size or width % block_size:
-        raise ParamsError(f"dedup.block_size: {block_size} does not divide the image size {height}x{width}; "
-                          f"use one of {_divisors(math.gcd(height, width))}")
-    blocks_x = width // block_size
-    n_features = (height // block_size) * blocks_x * bins
+    n = len(images)
+    sizes = np.tile(images.shape[1:3], (n, 1)) if sizes is None else np.asarray(sizes).reshape(n, 2)
+    n_features = grid[0] * grid[1] * bins
     # uint16 holds v * bins (<= 255 * 256) and, for the default sizes, every feature index.
     index_dtype = np.uint16 if n_features <= 2**16 else np.uint32
-    block_id = (np.arange(height) // block_size)[:, None] * blocks_x + np.arange(width) // block_size
-    block_offset = (block_id * bins).astype(index_dtype).reshape(images.shape[1:3] + (1,) * (images.ndim - 3))
-    values_per_block = block_size**2 * int(np.prod(images.shape[3:]))
-    features = np.empty((len(images), n_features), np.min_scalar_type(values_per_block))
-    index = np.empty(images.shape[1:], index_dtype)
-    for k in tqdm(range(len(images)), desc="dedup histograms", unit="img", mininterval=1.0, disable=not progress):
-        np.multiply(images[k], bins, out=index, dtype=index_dtype)
-        index >>= 8
-        index += block_offset
-        features[k] = np.bincount(index.ravel(), minlength=n_features)
+    channels = int(np.prod(images.shape[3:]))
+    largest = max((math.ceil(h / grid[0]) + 1) * (math.ceil(w / grid[1]) + 1) for h, w in sizes) if n else 1
+    features = np.empty((n, n_features), np.min_scalar_type(largest * channels))
+    bar = tqdm(total=n, desc="dedup histograms", unit="img", mininterval=1.0, disable=not progress)
+    for (height, width), positions in size_groups(sizes[:, 0], sizes[:, 1]):
+        block_offset = (block_ids(height, width, grid) * bins).astype(index_dtype)
+        block_offset = block_offset.reshape((height, width) + (1,) * (images.ndim - 3))
+        index = np.empty((height, width) + images.shape[3:], index_dtype)
+        for k in positions:
+            np.multiply(images[k, :height, :width], bins, out=index, dtype=index_dtype)
+            index >>= 8
+            index += block_offset
+            features[k] = np.bincount(index.ravel(), minlength=n_features)
+            bar.update()
+    bar.close()
     return features
 
 
@@ -215,11 +224,11 @@ def _train_table(interim_dir: Path, n_images: int) -> pd.DataFrame:
     return train
 
 
-def run(params: Params, *, interim: str | Path, out: str | Path, reports: str | Path,
+def run(params: Params, *, interim: str | Path, plan: str | Path, out: str | Path, reports: str | Path,
         progress: bool = True) -> dict[str, float]:
     """Write pairs.csv and groups.csv to `out`, metrics.json and gallery.png to `reports`."""
     started = time.perf_counter()
-    params = params.dedup
+    params = read_plan(plan).apply(params).dedup
     interim_dir, reports_dir = Path(interim), Path(reports)
     for name in ("manifest.csv", "train_images.npy", "train_masks.npy"):
         if not (interim_dir / name).is_file():
@@ -229,7 +238,7 @@ def run(params: Params, *, interim: str | Path, out: str | Path, reports: str | 
         raise InputError(f"{interim_dir / 'train_images.npy'}: expected uint8 (N, H, W[, C]) images with (N, H, W) "
                          f"masks, got {images.dtype} {images.shape} and masks {masks.shape}")
     train = _train_table(interim_dir, len(images))
-    features = block_histograms(images, params.block_size, params.bins, progress)
+    features = block_histograms(images, params.grid, params.bins, train[["height", "width"]].to_numpy(), progress)
     scope = train.subject.to_numpy() if params.scope == "subject" else None
     rows_a, rows_b, distance = near_duplicate_pairs(features, params.threshold, scope, params.chunk_size, progress)
     has_mask = train.has_mask.to_numpy(dtype=bool)

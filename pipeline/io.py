@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,18 @@ def write_png(path: str | Path, array: np.ndarray) -> None:
         Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8)).save(tmp, format="PNG")
 
 
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image file from its header, without decoding the pixels."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable image ({exc})") from None
+
+
 def read_image(path: str | Path, channels: str = "gray") -> tuple[np.ndarray, str]:
     """Read an 8-bit image as uint8 (H,W) for `gray` or (H,W,3) for `rgb`; returns (array, source mode).
 
@@ -98,13 +111,31 @@ def read_image(path: str | Path, channels: str = "gray") -> tuple[np.ndarray, st
     return np.ascontiguousarray(array, dtype=np.uint8), mode
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a binary mask file as bool (H,W): 0/255, 0/1 (8-bit) or 0/65535 (16-bit) encodings."""
+_FOREGROUND_HINT = "set data.foreground to the label values of the object (e.g. [{example}])"
+_LABEL_MODES = ("P", "L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N")  # one value per pixel: indices or labels
+
+
+def read_mask(path: str | Path, foreground: Sequence[int] | None = None) -> np.ndarray:
+    """Read a mask file as bool (H,W).
+
+    `foreground` None (binary masks): 0/255, 0/1 (8-bit) or 0/65535 (16-bit) encodings; anything
+    else (a palette mask, other values) is an error suggesting `data.foreground`.
+    `foreground` a list of label values (`data.foreground`): the mask's one value per pixel (a
+    palette (P) mask's index array, an L / 16-bit mask's values) is read and the pixels whose value
+    is in the list are foreground, `np.isin(array, foreground)`. Colour (RGB) and alpha masks are
+    errors either way: their pixels are not labels.
+    """
     path = Path(path)
     mode, array = _open(path, to_rgb=False)
-    if mode == "P":  # its index array: a `data.foreground` param could pick the foreground indices here
-        raise InputError(f"{path}: palette (P) mask with values {_few(np.unique(array))}; palette/class-index "
-                         "masks are not supported yet \u2014 expected a single-channel binary mask")
+    if foreground is not None:
+        if mode not in _LABEL_MODES or array.ndim != 2:
+            raise InputError(f"{path}: {_MASK_KINDS.get(mode, mode)} mask; expected a single-channel label mask "
+                             "(palette indices or grayscale / 16-bit values) for data.foreground")
+        return np.isin(array, np.asarray(foreground, dtype=np.int64))
+    if mode == "P":  # its index array: the indices are class labels
+        values = np.unique(array)
+        raise InputError(f"{path}: palette (P) mask with values {_few(values)}; "
+                         + _FOREGROUND_HINT.format(example=_example(values)))
     if array.ndim != 2:
         raise InputError(f"{path}: {_MASK_KINDS.get(mode, mode)} mask; expected a single-channel binary mask")
     values = np.unique(array)
@@ -112,7 +143,14 @@ def read_mask(path: str | Path) -> np.ndarray:
             or set(values.tolist()) <= {0, 65535}:
         return array > 0
     raise InputError(f"{path}: mask values {values[:6].tolist()} are not binary "
-                     f"(0/255, 0/1 or 16-bit 0/65535)")
+                     f"(0/255, 0/1 or 16-bit 0/65535); if they are class labels, "
+                     + _FOREGROUND_HINT.format(example=_example(values)))
+
+
+def _example(values: np.ndarray) -> int:
+    """A label to suggest for data.foreground: the smallest non-zero value (0 is usually background)."""
+    nonzero = values[values != 0]
+    return int(nonzero[0]) if len(nonzero) else 1
 
 
 def _few(values: np.ndarray, most: int = 10) -> str:

@@ -271,14 +271,38 @@ def scan_ultrasound(raw_dir: Path, data: DataParams) -> Listing:
     return Listing(train, _test_listing(tests))
 
 
+def train_dir(raw_dir: str | Path) -> Path:
+    """Where the folders and csv layouts keep their training `images/` (and `masks/`): `train/` when the
+    dataset has a `train/` folder, else the dataset root (`images/` + `masks/` beside `test/`)."""
+    raw_dir = Path(raw_dir)
+    return raw_dir / "train" if (raw_dir / "train").is_dir() else raw_dir
+
+
+def _train_images(raw_dir: Path, problems: list[str]) -> tuple[Path, dict[str, Path]]:
+    """(the training folder, its images by id); neither `train/` nor `images/` is one problem naming both."""
+    where = train_dir(raw_dir)
+    if where == raw_dir and not (raw_dir / "images").exists():
+        problems.append(f"{raw_dir / 'train' / 'images'}: folder not found (nor images/ at the dataset root)")
+        return where, {}
+    return where, _images_by_stem(where / "images", problems, "training")
+
+
+def _relative(folder: Path, raw_dir: Path) -> str:
+    return f"{folder.relative_to(raw_dir).as_posix()}/"
+
+
 def scan_folders(raw_dir: Path, data: DataParams) -> Listing:
-    """`train/images/ID.ext` + `train/masks/ID.ext` (same names), `test/images/ID.ext`."""
+    """`train/images/ID.ext` + `train/masks/ID.ext` (same names), `test/images/ID.ext`; without a `train/`
+    folder, `images/` + `masks/` at the dataset root (`train_dir`). A `test/masks/` folder is not listed
+    here: it is the test truth (`test_mask_paths`)."""
     problems: list[str] = []
-    images = _images_by_stem(raw_dir / "train" / "images", problems, "training")
-    masks = _images_by_stem(raw_dir / "train" / "masks", problems, "mask")
+    where, images = _train_images(raw_dir, problems)
+    listed = where != raw_dir or (raw_dir / "images").exists()   # else _train_images said what is missing
+    masks = _images_by_stem(where / "masks", problems, "mask") if listed else {}
     tests = _test_images(raw_dir / "test" / "images", data, problems)
-    problems += [f"{images[k]}: image has no mask in train/masks/" for k in sorted(set(images) - set(masks))]
-    problems += [f"{masks[k]}: mask has no image in train/images/" for k in sorted(set(masks) - set(images))]
+    masks_dir, images_dir = _relative(where / "masks", raw_dir), _relative(where / "images", raw_dir)
+    problems += [f"{images[k]}: image has no mask in {masks_dir}" for k in sorted(set(images) - set(masks))]
+    problems += [f"{masks[k]}: mask has no image in {images_dir}" for k in sorted(set(masks) - set(images))]
     ids = sorted(set(images) & set(masks))
     groups = _groups_from_csv(raw_dir, data, ids, problems)
     fail(problems)
@@ -289,14 +313,14 @@ def scan_folders(raw_dir: Path, data: DataParams) -> Listing:
 
 
 def scan_csv(raw_dir: Path, data: DataParams) -> Listing:
-    """`train/images/ID.ext` + a CSV of RLE masks, `test/images/ID.ext`.
+    """`train/images/ID.ext` (or `images/ID.ext` without a `train/` folder) + a CSV of RLE masks, `test/images/ID.ext`.
 
     Several rows of one id are merged as the union of their pixels (in any order, even
     overlapping): each row is kept with its line, and the load stage decodes and ORs them.
     `-1`, `nan` or an empty cell is an empty mask.
     """
     problems: list[str] = []
-    images = _images_by_stem(raw_dir / "train" / "images", problems, "training")
+    where, images = _train_images(raw_dir, problems)
     tests = _test_images(raw_dir / "test" / "images", data, problems)
     csv_path = raw_dir / data.csv_file
     table = _read_csv(csv_path, [data.id_column, data.rle_column], problems)
@@ -307,7 +331,8 @@ def scan_csv(raw_dir: Path, data: DataParams) -> Listing:
             rows = rles.setdefault(image_id, [])
             if rle_text not in ("", "-1", "nan"):  # some competitions mark empty masks this way
                 rows.append((int(line), rle_text))
-        problems += [f"{csv_path}: id {i!r} has no image in train/images/" for i in sorted(set(rles) - set(images))]
+        problems += [f"{csv_path}: id {i!r} has no image in {_relative(where / 'images', raw_dir)}"
+                     for i in sorted(set(rles) - set(images))]
         problems += [f"{images[i]}: image has no row in {csv_path.name}" for i in sorted(set(images) - set(rles))]
     ids = sorted(set(images) & set(rles))
     groups = _groups_from_csv(raw_dir, data, ids, problems)
@@ -320,6 +345,35 @@ def scan_csv(raw_dir: Path, data: DataParams) -> Listing:
 
 ADAPTERS: dict[str, Callable[[Path, DataParams], Listing]] = {
     "ultrasound": scan_ultrasound, "folders": scan_folders, "csv": scan_csv}
+
+
+def test_mask_paths(raw_dir: str | Path, data: DataParams) -> dict[str, Path] | None:
+    """The test set's true masks, when the dataset ships them: {test id: mask path}, or None.
+
+    Only the folders layout has them: `test/masks/ID.ext` beside `test/images/ID.ext` (same names, the
+    same file rules as the images: hidden names skipped, PNG/TIFF/JPEG suffixes in any case, one file per
+    id). None when the layout is another one or there is no `test/masks/` folder. When the folder exists,
+    every test image must have a mask and every mask a test image: otherwise (or an empty folder, a file
+    that is not an image, two files of one id) one InputError lists every problem. Keys are the ids of
+    `list_test_images` (same order); read each with `io.read_mask(path, data.foreground)`.
+    """
+    raw_dir = Path(raw_dir)
+    folder = raw_dir / "test" / "masks"
+    if data.layout != "folders" or not folder.is_dir():
+        return None
+    problems: list[str] = []
+    masks = _images_by_stem(folder, problems, "mask")
+    tests = _test_images(raw_dir / "test" / "images", data, problems)
+    problems += [f"{tests[k]}: test image has no mask in test/masks/" for k in _sorted_ids(set(tests) - set(masks))]
+    problems += [f"{masks[k]}: mask has no image in test/images/" for k in _sorted_ids(set(masks) - set(tests))]
+    fail(problems)
+    return {i: masks[i] for i in _sorted_ids(tests)}
+
+
+def group_kind(data: DataParams) -> str:
+    """What the validation groups are: "subject" when the data names them (the ultrasound layout's `S` of
+    `S_I.tif`, or `data.group_column`), "image" when each image is its own group."""
+    return "subject" if data.layout == "ultrasound" or data.group_column is not None else "image"
 
 
 def scan(raw_dir: str | Path, data: DataParams) -> Listing:

@@ -10,6 +10,7 @@ manifest so nothing downstream assumes 420x580.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from pipeline import layouts, rle
 from pipeline.artifacts import MANIFEST_COLUMNS, write_interim
+from pipeline.fingerprint import fingerprint as dataset_fingerprint
 from pipeline.io import InputError, read_image, read_mask, write_json
 from pipeline.params import Params
 
@@ -42,21 +44,25 @@ def _read_all(items: list[str], reader: Callable[[str], T], desc: str, problems:
     return [None if isinstance(r, InputError) else r for r in results]
 
 
-def _stack(arrays: list[np.ndarray | None], names: list[str], shape: tuple[int, ...], problems: list[str],
-           dtype: type = np.uint8) -> np.ndarray:
-    out = np.zeros((len(arrays),) + shape, dtype)
-    for k, (a, name) in enumerate(zip(arrays, names)):
-        if a is None:
-            continue
-        if a.shape[:2] != shape[:2]:
-            problems.append(f"{name}: size {a.shape[0]}x{a.shape[1]} differs from the dataset's {shape[0]}x{shape[1]}")
-        else:
-            out[k] = a
+def _canvas(arrays: list[np.ndarray | None]) -> tuple[int, ...]:
+    """The smallest (H, W[, C]) that holds every array: images of mixed sizes share one array,
+    each in its top-left corner, its native size in the manifest."""
+    shapes = [a.shape for a in arrays if a is not None] or [(1, 1)]
+    return tuple(max(s[d] for s in shapes) for d in range(len(shapes[0])))
+
+
+def _stack(arrays: list[np.ndarray | None], shape: tuple[int, ...]) -> np.ndarray:
+    out = np.zeros((len(arrays),) + shape, np.uint8)
+    for k, a in enumerate(arrays):
+        if a is not None:
+            out[(k, *map(slice, a.shape))] = a
     return out
 
 
-def run(params: Params, *, raw: str | Path, out: str | Path, metrics: str | Path) -> dict[str, float]:
-    """Write the arrays and manifest to `out` and the summary to `metrics`."""
+def run(params: Params, *, raw: str | Path, out: str | Path, metrics: str | Path,
+        fingerprint: str | Path) -> dict[str, float]:
+    """Write the arrays and manifest to `out`, the summary to `metrics` and the dataset's fingerprint
+    (what the plan stage configures from) to `fingerprint`."""
     raw_dir, data = Path(raw), params.data
     listing = layouts.scan(raw_dir, data)
     train, test = listing.train, listing.test
@@ -70,27 +76,29 @@ def run(params: Params, *, raw: str | Path, out: str | Path, metrics: str | Path
 
     images = _read_all(train.path.tolist(), image, "load train images", problems)
     tests = _read_all(test.path.tolist(), image, "load test images", problems)
-    # Every problem at once: the dataset's size is the commonest among the images that did read,
-    # and the masks are read (decoded) even when some images did not.
-    read = [a.shape for a in images if a is not None] or [a.shape for a in tests if a is not None]
-    if not read:
+    # Every problem at once: masks are read (decoded) even when some images did not. Images may
+    # differ in size; each mask must have its own image's size.
+    if all(a is None for a in images + tests):
         layouts.fail(problems or [f"{raw_dir}: no image could be read"])
-    shape = pd.Series(read).value_counts().index[0]
-    mask_shape = shape[:2]
     if (train.mask_path != "").all():
-        masks = _read_all(train.mask_path.tolist(), read_mask, "load train masks", problems)
+        masks = _read_all(train.mask_path.tolist(), functools.partial(read_mask, foreground=data.foreground),
+                          "load train masks", problems)
         mask_names = train.mask_path.tolist()
     else:
         order, start = ("F" if data.rle_order == "column" else "C"), data.rle_start
         rows_of = dict(zip(train.id, train.mask_rle))
+        shape_of = {i: a.shape[:2] for i, a in zip(train.id, images) if a is not None}
         csv_path = Path(raw_dir) / data.csv_file
 
         def decode(image_id: str) -> np.ndarray | None:
-            """The union of the pixels of every CSV row of this id (rows in any order, even overlapping)."""
-            mask, bad = np.zeros(mask_shape, bool), []
+            """The union of the pixels of every CSV row of this id (rows in any order, even overlapping),
+            at its image's size."""
+            if image_id not in shape_of:
+                return None  # its image is unreadable: that problem is listed already
+            mask, bad = np.zeros(shape_of[image_id], bool), []
             for line, text in rows_of[image_id]:
                 try:
-                    mask |= rle.decode(text, mask_shape, order, start)
+                    mask |= rle.decode(text, shape_of[image_id], order, start)
                 except rle.RLEError as exc:
                     bad.append(f"{csv_path}: id {image_id!r} (line {line}): mask RLE: {exc}")
             if bad:
@@ -101,25 +109,38 @@ def run(params: Params, *, raw: str | Path, out: str | Path, metrics: str | Path
 
         masks = _read_all(train.id.tolist(), decode, "decode train masks", problems)
         mask_names = [f"{csv_path} (id {i})" for i in train.id]
-    train_images = _stack(images, train.path.tolist(), shape, problems)
-    test_images = _stack(tests, test.path.tolist(), shape, problems)
-    train_masks = _stack(masks, mask_names, mask_shape, problems)
+    for image, mask, name in zip(images, masks, mask_names):
+        if image is not None and mask is not None and mask.shape != image.shape[:2]:
+            problems.append(f"{name}: mask size {mask.shape[0]}x{mask.shape[1]} differs from its image's "
+                            f"{image.shape[0]}x{image.shape[1]}")
+    if data.foreground is not None and masks and not any(m is not None and m.any() for m in masks):
+        problems.append(f"{raw_dir}: no training mask holds any of the data.foreground values {list(data.foreground)} "
+                        "(the label values of the object in these masks?)")
     layouts.fail(problems)
-    areas = train_masks.reshape(len(train), -1).sum(axis=1)
-    size = dict(height=mask_shape[0], width=mask_shape[1])
-    train = train.assign(split="train", row=np.arange(len(train)), has_mask=areas > 0, mask_area=areas, **size)
+    train_images, test_images = _stack(images, _canvas(images)), _stack(tests, _canvas(tests))
+    train_masks = _stack([m.astype(np.uint8) for m in masks], train_images.shape[1:3])
+    areas = train_masks.reshape(len(train), -1).sum(axis=1, dtype=np.int64)
+    train = train.assign(split="train", row=np.arange(len(train)), has_mask=areas > 0, mask_area=areas,
+                         height=[a.shape[0] for a in images], width=[a.shape[1] for a in images])
     test = test.assign(split="test", row=np.arange(len(test)), has_mask=pd.NA, mask_area=pd.NA,
-                       subject=pd.NA, frame=pd.NA, mask_path="", **size)
+                       subject=pd.NA, frame=pd.NA, mask_path="",
+                       height=[a.shape[0] for a in tests], width=[a.shape[1] for a in tests])
     manifest = pd.concat([train, test], ignore_index=True)[MANIFEST_COLUMNS]
     write_interim(out, train_images=train_images, train_masks=train_masks, test_images=test_images,
                   manifest=manifest)
+    sizes = pd.concat([train, test]).groupby(["height", "width"]).size().sort_values(ascending=False)
+    (height, width), n_sizes = sizes.index[0], len(sizes)
     summary = {
         "train_images": int(len(train)), "test_images": int(len(test)),
-        "subjects": int(train.subject.nunique()), "height": int(mask_shape[0]), "width": int(mask_shape[1]),
-        "channels": 1 if len(shape) == 2 else int(shape[2]),
+        "subjects": int(train.subject.nunique()), "group_kind": layouts.group_kind(data),
+        "height": int(height), "width": int(width),
+        "image_sizes": int(n_sizes),
+        "channels": 1 if train_images.ndim == 3 else int(train_images.shape[3]),
         "colour_images_converted_to_gray": int(sum(m == "RGB" for m in modes)) if data.channels == "gray" else 0,
         "empty_fraction": round(float(1 - train.has_mask.mean()), 4),
         "mean_mask_area": round(float(areas[areas > 0].mean()) if (areas > 0).any() else 0.0, 1),
     }
     write_json(metrics, summary)
+    write_json(fingerprint, dataset_fingerprint(images=images, masks=masks, modes=modes, groups=train.subject.tolist(),
+                                                group_kind=summary["group_kind"], seed=params.seed))
     return summary

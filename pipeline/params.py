@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -44,6 +45,7 @@ Float = Annotated[float, Field(strict=True)]
 Bool = StrictBool
 Str = Annotated[StrictStr, Field(min_length=1)]
 Layout = Literal["ultrasound", "folders", "csv"]
+Auto = Literal["auto"]   # resolved from the dataset fingerprint and the device by the plan stage
 SEED_MAX = 2**32 - 1   # np.random.seed / RandomState take 0..2**32-1
 
 
@@ -76,6 +78,10 @@ class DataParams:
         1, description="Index of the first pixel in RLE (1: Kaggle ultrasound, or 0).")
     submission_columns: tuple[Str, ...] = Field(("img", "pixels"), description="Submission header: id column, "
                                                                                "RLE column (two distinct names).")
+    foreground: Optional[Annotated[tuple[Annotated[Int, Field(ge=0, le=65535)], ...], Field(min_length=1)]] = Field(
+        None, description="Mask label values that count as foreground (palette indices or gray/16-bit values); "
+                          "null: binary masks (0/255, 0/1, 0/65535).")
+    object_name: Str = Field("nerve", description="What the masks outline, for the report's words.")
 
     @field_validator("submission_columns")
     @classmethod
@@ -101,10 +107,13 @@ class SynthParams:
 @dataclass(frozen=True, config=_CONFIG)
 class DedupParams:
     """Near-duplicate frames: block histograms compared by cosine distance."""
-    block_size: Int = Field(20, ge=1, description="Pixels per block side; must divide the image size.")
+    grid: Auto | tuple[Annotated[Int, Field(ge=1)], Annotated[Int, Field(ge=1)]] = Field(
+        "auto", description="Blocks per image as [rows, cols] (edges from linspace, so any size fits); "
+                            "auto: blocks of about 20 px at the median image size.")
     bins: Int = Field(9, ge=2, le=256, description="Histogram bins per block over 0..255.")
     threshold: Float = Field(0.008, ge=0.0, le=2.0, description="Cosine distance below which frames are duplicates.")
-    scope: Literal["subject", "global"] = Field("subject", description="Compare within a subject or all pairs.")
+    scope: Literal["auto", "subject", "global"] = Field(
+        "auto", description="Compare within a subject or all pairs; auto: subject when the data has groups.")
     chunk_size: Int = Field(2048, ge=1, description="Images per similarity tile (memory ~ chunk_size^2).")
     gallery_pairs: Int = Field(12, ge=0, description="Contradictory pairs drawn in the gallery (0: none).")
     min_pair_dice: Float = Field(0.2, ge=0.0, le=1.0, description="Two masks overlapping less than this contradict.")
@@ -153,10 +162,16 @@ class TrainParams:
         (128, 64, 32, 16, 8), min_length=1, description="Decoder channels, one per encoder_depth level.")
     encoder_weights: Literal["none", "imagenet"] = Field("none", description="Pretrained encoder weights.")
     presence_head: Bool = Field(True, description="Classification head: is there a nerve at all?")
-    height: Int = Field(96, ge=32, description="Working height: images are resized to it.")
-    width: Int = Field(128, ge=32, description="Working width.")
+    height: Auto | Annotated[Int, Field(ge=32)] = Field(
+        "auto", description="Working height; auto: the median aspect ratio within pixel_budget, a multiple of 32.")
+    width: Auto | Annotated[Int, Field(ge=32)] = Field("auto", description="Working width; auto: as height.")
+    pixel_budget: Auto | Annotated[Int, Field(ge=1024)] = Field(
+        "auto", description="Pixels of the auto working size; auto: 12,288 on a CPU (96x128), 262,144 on a GPU.")
+    resize: Literal["stretch", "pad"] = Field(
+        "stretch", description="To the working size: stretch, or keep the aspect ratio and reflect-pad.")
     epochs: Int = Field(8, ge=1, description="Epochs per fold.")
-    batch_size: Int = Field(16, ge=1, description="Images per training step.")
+    batch_size: Auto | Annotated[Int, Field(ge=1)] = Field(
+        "auto", description="Images per training step; auto: 16 on a CPU, more with GPU memory.")
     lr: Float = Field(1e-3, gt=0.0, description="Peak learning rate of the one-cycle schedule (AdamW).")
     weight_decay: Float = Field(1e-4, ge=0.0, description="AdamW weight decay.")
     folds: Int = Field(4, ge=2, description="Subject-grouped folds.")
@@ -164,7 +179,8 @@ class TrainParams:
     bce_weight: Float = Field(1.0, ge=0.0, description="Weight of the pixel BCE loss.")
     dice_weight: Float = Field(1.0, ge=0.0, description="Weight of the soft Dice loss.")
     presence_weight: Float = Field(0.5, ge=0.0, description="Weight of the presence BCE loss.")
-    workers: Int = Field(0, ge=0, description="DataLoader worker processes (0: in the training process).")
+    workers: Auto | Annotated[Int, Field(ge=0)] = Field(
+        "auto", description="DataLoader worker processes (0: in the training process); auto: 0 on a CPU.")
     threads: Int = Field(0, ge=0, description="CPU threads (0: all cores, split between ranks).")
     amp: Bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
 
@@ -201,9 +217,12 @@ class TuneParams:
         (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), min_length=1, description="Pixel is foreground when prob > this.")
     presence_thresholds: tuple[Annotated[Float, Field(ge=0.0, le=1.0)], ...] = Field(
         (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), min_length=1, description="Keep a mask when presence >= this.")
-    min_areas: tuple[Annotated[Int, Field(ge=0)], ...] = Field(
-        (0, 250, 500, 1000, 1500, 2000, 3000), min_length=1, description="Keep a mask when its area >= this "
-                                                                         "(native pixels).")
+    min_areas: Auto | Annotated[tuple[Annotated[Int, Field(ge=0)], ...], Field(min_length=1)] = Field(
+        "auto", description="Keep a mask when its area >= this (native pixels); auto: min_area_fractions of "
+                            "the median image area.")
+    min_area_fractions: tuple[Annotated[Float, Field(ge=0.0, le=1.0)], ...] = Field(
+        (0.0, 0.001, 0.002, 0.004, 0.006, 0.008, 0.012), min_length=1,
+        description="Candidate minimum areas as fractions of the image (used by min_areas: auto).")
 
 
 @dataclass(frozen=True, config=_CONFIG)
@@ -320,17 +339,28 @@ def _message(cls: type, prefix: str, err: Any) -> str:
     return f"{key}: {err['msg'][:1].lower()}{err['msg'][1:]}, got {value!r}"
 
 
+_UNION_TAG = re.compile(r"^(?:[a-z]+\[.*\]|constrained-\w+|int|float|str|bool)$")  # pydantic's union member names
+
+
 def _params_error(cls: type, prefix: str, exc: ValidationError) -> ParamsError:
     """All of pydantic's errors, one line each, every line naming its dotted key; unknown keys grouped
     per section with that section's known keys."""
     lines: dict[tuple[Any, ...], str] = {}
     unknown: dict[tuple[Any, ...], list[str]] = {}
+    may_be_auto: set[tuple[Any, ...]] = set()
     for err in exc.errors():
         if err["type"] == "unexpected_keyword_argument":
             unknown.setdefault(tuple(err["loc"][:-1]), []).append(str(err["loc"][-1]))
             continue
+        tags = [p for p in err["loc"] if isinstance(p, str) and _UNION_TAG.match(p)]
+        err = {**err, "loc": tuple(p for p in err["loc"] if p not in tags)}  # `auto | value`: the value's key
         field = tuple(part for part in err["loc"] if isinstance(part, str))
+        if any(t.startswith("literal[") for t in tags):
+            may_be_auto.add(field)   # the `auto` branch's complaint: said once, as "(or auto)"
+            continue
         lines.setdefault(field, _message(cls, prefix, err))   # the first problem of each key only
+    for field in may_be_auto & lines.keys():
+        lines[field] += " (or auto)"
     for where, keys in unknown.items():
         section, _ = _section_at(cls, (*where, "_"))
         known = ", ".join(f.name for f in dataclasses.fields(section)) if section else "?"

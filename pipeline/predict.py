@@ -15,14 +15,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import rle
+from pipeline import layouts, rle
 from pipeline.ids import id_sort_key, numeric_ids
 from pipeline.artifacts import (TEST_TRUTH, Thresholds, check_probabilities, open_arrays, read_manifest,
-                                read_thresholds)
-from pipeline.io import InputError, atomic_path, write_json
+                                read_thresholds, size_groups)
+from pipeline.io import InputError, atomic_path, read_mask, write_json
 from pipeline.metrics import dice_per_image
-from pipeline.model import CheckpointError, input_channels, load_checkpoint, preprocess, split_outputs, to_native
-from pipeline.params import Params
+from pipeline.checkpoints import CheckpointError, load_checkpoint
+from pipeline.model import input_channels, preprocess, split_outputs, to_native
+from pipeline.params import DataParams, Params
 from pipeline.postprocess import apply
 
 
@@ -39,16 +40,18 @@ class Ensemble:
         if len(sizes) > 1:
             raise CheckpointError(f"{models_dir}: folds were trained at different sizes {sorted(sizes)}")
         self.size = sizes.pop()
+        self.resize = {state["config"].get("resize", "stretch") for _, state in loaded}.pop()
         self.channels = {path: input_channels(model) for path, (model, _) in zip(self.paths, loaded)}
         self.device = device
         self.members = [(model.to(device).eval(), state["norm"]) for model, state in loaded]
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray, tta_flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images -> (mask probabilities (N,1,h,w), presence probabilities (N,)), averaged."""
+        """uint8 images of one native size -> (mask probabilities (N,1,h,w), presence probabilities (N,)),
+        averaged over the folds (and the mirror views)."""
         mask, presence, views = 0.0, 0.0, 0
         for model, norm in self.members:
-            x = preprocess(images, self.size, norm["mean"], norm["std"]).to(self.device)
+            x = preprocess(images, self.size, norm["mean"], norm["std"], self.resize).to(self.device)
             for flip in (False, True) if tta_flip else (False,):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                     logits, label = split_outputs(model(x.flip(-1) if flip else x))
@@ -59,13 +62,24 @@ class Ensemble:
         return mask / views, presence / views
 
 
-def _truth(raw_dir: str | Path, ids: list[str], shape: tuple[int, int]) -> dict[str, str] | None:
-    """The generator's true test masks (synthetic data only, Kaggle encoding), checked; else None."""
+def _truth(raw_dir: str | Path, data: DataParams, ids: list[str], shapes: dict[str, tuple[int, int]]
+           ) -> tuple[str, dict[str, np.ndarray]] | None:
+    """("test", true masks) from the dataset's `test/masks/` (folders layout), ("synthetic_test", ...)
+    from the generator's `truth/test_masks.csv`, else None (real test labels are usually hidden)."""
+    paths = layouts.test_mask_paths(raw_dir, data)
+    if paths is not None:
+        masks = {i: read_mask(paths[i], data.foreground) for i in ids if i in paths}
+        wrong = [f"{paths[i]}: mask size {m.shape[0]}x{m.shape[1]}, image {shapes[i][0]}x{shapes[i][1]}"
+                 for i, m in masks.items() if m.shape != shapes[i]]
+        if wrong or len(masks) != len(ids):
+            raise InputError(f"{Path(raw_dir) / 'test' / 'masks'}: masks do not match the test images: "
+                             + "; ".join(wrong[:5] or [f"{len(ids) - len(masks)} test image(s) without a mask"]))
+        return "test", masks
     path = Path(raw_dir) / TEST_TRUTH
     if not path.exists():
         return None
-    rle.validate_submission(path, ids, shape, numeric_ids=False)
-    return dict(rle.read_rows(path)[1:])
+    rle.validate_submission(path, ids, next(iter(shapes.values())), numeric_ids=False, shapes=shapes)
+    return "synthetic_test", {i: rle.decode(r, shapes[i]) for i, r in rle.read_rows(path)[1:]}
 
 
 def run(params: Params, *, interim: str | Path, models: str | Path, thresholds: str | Path, raw: str | Path,
@@ -81,9 +95,9 @@ def run(params: Params, *, interim: str | Path, models: str | Path, thresholds: 
     ids = test.id.tolist()
     numeric = numeric_ids(data)
     rle.check_ids(ids, numeric, f"{Path(interim_dir) / 'manifest.csv'} (test images)")  # before any model runs
-    shape = tuple(images.shape[1:3])
+    shapes = {i: (int(h), int(w)) for i, h, w in zip(ids, test.height, test.width)}
     order, start = ("F" if data.rle_order == "column" else "C"), data.rle_start
-    truth = _truth(raw, ids, shape)
+    truth = _truth(raw, data, ids, shapes)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ensemble = Ensemble(models_dir, device)
     channels = 1 if images.ndim == 3 else images.shape[3]
@@ -94,17 +108,20 @@ def run(params: Params, *, interim: str | Path, models: str | Path, thresholds: 
 
     encoded: dict[str, str] = {}
     dice, truth_empty = [], []
-    for begin in tqdm(range(0, len(ids), p.batch_size), desc="predict test", unit="batch", mininterval=1.0):
-        batch_ids = ids[begin:begin + p.batch_size]
-        batch = np.array(images[begin:begin + p.batch_size])  # a writable copy of the memory-mapped rows
+    batches = [(size, positions[k:k + p.batch_size])
+               for size, positions in size_groups(test.height.to_numpy(), test.width.to_numpy())
+               for k in range(0, len(positions), p.batch_size)]
+    for (h, w), part in tqdm(batches, desc="predict test", unit="batch", mininterval=1.0):
+        batch_ids = [ids[k] for k in part]
+        batch = np.array(images[part])[:, :h, :w]  # a writable copy of the memory-mapped rows, native size
         mask_prob, presence = ensemble(batch, p.tta_flip)
-        native, presence = to_native(mask_prob, shape).cpu().numpy(), presence.cpu().numpy()
+        native, presence = to_native(mask_prob, (h, w), ensemble.resize).cpu().numpy(), presence.cpu().numpy()
         for name, values in (("mask", native), ("presence", presence)):  # NaN would silently mean "empty"
             check_probabilities(values, f"{models_dir}: {name} probabilities of the test images", batch_ids)
         masks = apply(native, presence, gates)
         encoded.update((i, rle.encode(m, order, start)) for i, m in zip(batch_ids, masks))
         if truth is not None:
-            true = np.stack([rle.decode(truth[i], shape) for i in batch_ids])
+            true = np.stack([truth[1][i] for i in batch_ids])
             dice.append(dice_per_image(masks, true))
             truth_empty.append(~true.any(axis=(1, 2)))
 
@@ -112,17 +129,18 @@ def run(params: Params, *, interim: str | Path, models: str | Path, thresholds: 
     with atomic_path(out) as tmp:
         rle.write_submission(tmp, rows, data.submission_columns)
         try:
-            rle.validate_submission(tmp, ids, shape, columns=data.submission_columns, start=start,
-                                    numeric_ids=numeric)
+            rle.validate_submission(tmp, ids, next(iter(shapes.values())), columns=data.submission_columns,
+                                    start=start, numeric_ids=numeric, shapes=shapes)
         except rle.SubmissionError as exc:  # name the output, not the temporary it was checked in
             raise rle.SubmissionError(str(exc).replace(str(tmp), f"{out} (not written)", 1)) from None
     empty = sum(r == "" for _, r in rows)
     summary: dict[str, float] = {"test_images": len(rows), "predicted_empty": empty,
                                  "predicted_empty_fraction": round(empty / len(rows), 5),
                                  "models": len(ensemble.paths), "tta_views": 2 if p.tta_flip else 1}
-    if truth is not None:  # only possible on synthetic data: real test labels are hidden
-        summary |= {"synthetic_test_dice": round(float(np.concatenate(dice).mean()), 5),
-                    "synthetic_test_all_empty_dice": round(float(np.concatenate(truth_empty).mean()), 5),
-                    "synthetic_test_images": len(rows)}
+    if truth is not None:  # synthetic data, or a dataset that ships its test masks
+        kind = truth[0]
+        summary |= {f"{kind}_dice": round(float(np.concatenate(dice).mean()), 5),
+                    f"{kind}_all_empty_dice": round(float(np.concatenate(truth_empty).mean()), 5),
+                    f"{kind}_images": len(rows)}
     write_json(metrics, summary)
     return summary

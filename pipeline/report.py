@@ -38,9 +38,29 @@ STAGES = (  # (stage, what its metrics mean)
     ("clean", "training rows kept and dropped by the cleaning policy (synthetic: precision/recall of the drops)"),
     ("train", "out-of-fold validation Dice at the default 0.5 gates, presence accuracy/AUC, per fold"),
     ("tune", "out-of-fold Dice at native size: tuned, at default thresholds, without presence gate, all-empty"),
-    ("predict", "test predictions (synthetic data: Dice against the generator's true test masks)"),
+    ("predict", "test predictions (with test truth, test/masks/ or the generator's: Dice against the true masks)"),
 )
-TITLE, HEADING = "nerveseg report", "Nerve segmentation: run report"
+
+
+def _plural(noun: str) -> str:
+    """English plural of the last word: nerve -> nerves, salt deposit -> salt deposits, polyp -> polyps,
+    lesion mass -> lesion masses, artery -> arteries."""
+    if noun.endswith(("s", "x", "z", "ch", "sh")):
+        return noun + "es"
+    if noun.endswith("y") and noun[-2:-1] not in tuple("aeiou"):
+        return noun[:-1] + "ies"
+    return noun + "s"
+
+
+def headings(object_name: str) -> tuple[str, str]:
+    """The page title and heading for what the masks outline (data.object_name)."""
+    return f"{object_name} segmentation report", f"{object_name[:1].upper()}{object_name[1:]} segmentation: run report"
+
+
+def group_words(load: dict[str, Any] | None) -> str:
+    """What load's `subjects` count is: "subjects", or "groups (one image each)" when each image is its own
+    group (load's `group_kind: image`)."""
+    return "groups (one image each)" if (load or {}).get("group_kind") == "image" else "subjects"
 
 
 def _figure_png(fig: Any) -> bytes:
@@ -74,9 +94,11 @@ def _read_metrics(path: Path) -> dict[str, Any] | None:
 def headline(metrics: dict[str, dict[str, Any] | None], thresholds: dict[str, Any] | None) -> Section:
     s = Section("At a glance", "glance")
     tune, predict, train = (metrics.get(k) or {} for k in ("tune", "predict", "train"))
+    test = ("test Dice (true test masks)", predict["test_dice"]) if "test_dice" in predict \
+        else ("test Dice (synthetic truth)", predict.get("synthetic_test_dice"))
     cards = [("OOF Dice, tuned thresholds", tune.get("dice_best")),
              ("OOF all-empty baseline", tune.get("dice_all_empty")),
-             ("test Dice (synthetic truth)", predict.get("synthetic_test_dice")),
+             test,
              ("val Dice at 0.5 gates (train)", train.get("dice"))]
     if thresholds:
         cards.append(("thresholds pixel / presence / min_area",
@@ -89,6 +111,7 @@ def headline(metrics: dict[str, dict[str, Any] | None], thresholds: dict[str, An
 
 def stage_metrics(reports: Path, metrics: dict[str, dict[str, Any] | None]) -> Section:
     s = Section("Metrics of every stage", "metrics")
+    labels = {"load": {"subjects": group_words(metrics.get("load"))}}   # stage -> metric -> shown as
     s.html.append('<div class="stages">')
     for stage, meaning in STAGES:
         path = reports / stage / "metrics.json"
@@ -101,7 +124,8 @@ def stage_metrics(reports: Path, metrics: dict[str, dict[str, Any] | None]) -> S
             s.text(meaning)
             scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
             groups = {k: flatten(v) for k, v in data.items() if isinstance(v, dict)}  # e.g. fold_0..fold_K
-            s.table(["metric", "value"], scalars.items())
+            names = labels.get(stage, {})
+            s.table(["metric", "value"], ((names.get(k, k), v) for k, v in scalars.items()))
             if groups:  # one column per group reads better than fold_0.dice, fold_1.dice, ... rows
                 keys = list(dict.fromkeys(k for g in groups.values() for k in g))
                 s.table(["metric", *groups], ([k, *(g.get(k) for g in groups.values())] for k in keys))
@@ -201,7 +225,7 @@ def read_scores(path: Path, oof: Path, interim: Path, shape: tuple[int, int]) ->
                      numbers["dice"], runs)
 
 
-def confusion(r: OofResult, presence: float) -> Section:
+def confusion(r: OofResult, presence: float, object_name: str = "nerve") -> Section:
     """At the tuned presence gate; when tuning switched the gate off (0), also at the default 0.5,
     since "everything passes" says nothing about the classifier itself."""
     import matplotlib.pyplot as plt
@@ -218,7 +242,8 @@ def confusion(r: OofResult, presence: float) -> Section:
         tp, fn = int((said & r.truth_any).sum()), int((~said & r.truth_any).sum())
         fp, tn = int((said & ~r.truth_any).sum()), int((~said & ~r.truth_any).sum())
         s.heading(f"presence >= {gate:g} ({meaning})")
-        s.table(["", "predicted: nerve", "predicted: empty"], [["truth: nerve", tp, fn], ["truth: empty", fp, tn]])
+        s.table(["", f"predicted: {object_name}", "predicted: empty"],
+                [[f"truth: {object_name}", tp, fn], ["truth: empty", fp, tn]])
         s.table(["accuracy", "precision", "recall (sensitivity)", "specificity"],
                 [[ratio(tp + tn, len(r.ids)), ratio(tp, tp + fp), ratio(tp, tp + fn), ratio(tn, tn + fp)]])
         counts = np.array([[tp, fn], [fp, tn]])
@@ -227,8 +252,8 @@ def confusion(r: OofResult, presence: float) -> Section:
         for (i, j), c in np.ndenumerate(counts):
             ax.text(j, i, f"{c}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=13,
                     color="white" if share[i, j] > 0.6 else "black")
-        ax.set_xticks([0, 1], ["nerve", "empty"])
-        ax.set_yticks([0, 1], ["nerve", "empty"])
+        ax.set_xticks([0, 1], [object_name, "empty"])
+        ax.set_yticks([0, 1], [object_name, "empty"])
         ax.set_xlabel("predicted (presence head)")
         ax.set_ylabel("truth")
         ax.set_title(f"presence >= {gate:g}: row shares")
@@ -251,7 +276,7 @@ def _outline(ax: Any, mask: np.ndarray, color: str, width: float) -> None:
         ax.contour(mask, levels=[0.5], colors=color, linewidths=width)
 
 
-def gallery(r: OofResult, images: np.ndarray, truth: np.ndarray, n: int) -> Section:
+def gallery(r: OofResult, images: np.ndarray, truth: np.ndarray, n: int, object_name: str = "nerve") -> Section:
     """The final masks tune made (its RLE column) over the images: found, false positives, missed."""
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
@@ -261,13 +286,15 @@ def gallery(r: OofResult, images: np.ndarray, truth: np.ndarray, n: int) -> Sect
     fp = np.flatnonzero(~r.truth_any & r.pred_any)
     fn = np.flatnonzero(r.truth_any & ~r.pred_any)
     tn = int((~r.truth_any & ~r.pred_any).sum())
-    s.text(f"Final masks (tuned thresholds, native size) on {len(r.ids)} out-of-fold images: {len(tp)} nerves found "
+    things = _plural(object_name)
+    s.text(f"Final masks (tuned thresholds, native size) on {len(r.ids)} out-of-fold images: {len(tp)} {things} found "
            f"(mean Dice {r.dice[tp].mean() if len(tp) else float('nan'):.3f}), {len(fp)} false positives on empty "
-           f"images, {len(fn)} nerves missed, {tn} empty images correctly left empty. "
-           f"Green outline: true nerve; red: prediction.")
-    groups = (("Nerves found: from best to worst Dice", tp[np.argsort(-r.dice[tp], kind="stable")], True),
+           f"images, {len(fn)} {things} missed, {tn} empty images correctly left empty. "
+           f"Green outline: true {object_name}; red: prediction.")
+    groups = ((f"{things[:1].upper()}{things[1:]} found: from best to worst Dice",
+               tp[np.argsort(-r.dice[tp], kind="stable")], True),
               ("False positives on empty images: most confident first", fp[np.argsort(-r.presence_prob[fp], kind="stable")], False),
-              ("Missed nerves: largest first", fn[np.argsort(-r.truth_area[fn], kind="stable")], False))
+              (f"Missed {things}: largest first", fn[np.argsort(-r.truth_area[fn], kind="stable")], False))
     shape = truth.shape[1:3]
     for title, order, spread in groups:
         s.heading(f"{title} ({len(order)})")
@@ -292,13 +319,14 @@ def gallery(r: OofResult, images: np.ndarray, truth: np.ndarray, n: int) -> Sect
                 _outline(ax, p, "red", 1.2)
             if true.any():
                 _outline(ax, true, "lime", 1.4)
-            ax.set_title(f"{r.ids[k]}  Dice {r.dice[k]:.2f}  p(nerve) {r.presence_prob[k]:.2f}", fontsize=9)
+            ax.set_title(f"{r.ids[k]}  Dice {r.dice[k]:.2f}  p({object_name}) {r.presence_prob[k]:.2f}", fontsize=9)
         fig.tight_layout()
         s.image(_figure_png(fig), title)
     return s
 
 
-def oof_sections(reports: Path, interim: Path, oof: Path, thresholds_path: Path, n: int) -> list[Section]:
+def oof_sections(reports: Path, interim: Path, oof: Path, thresholds_path: Path, n: int,
+                 object_name: str = "nerve") -> list[Section]:
     """Presence confusion matrix and prediction gallery; one note when their inputs are missing."""
     try:
         t = read_thresholds(thresholds_path)
@@ -308,7 +336,37 @@ def oof_sections(reports: Path, interim: Path, oof: Path, thresholds_path: Path,
         s = Section("Presence classifier and predictions", "presence")
         s.note(f"Not available: {exc}")
         return [s]
-    return [confusion(result, t.presence), gallery(result, images, truth, n)]
+    return [confusion(result, t.presence, object_name), gallery(result, images, truth, n, object_name)]
+
+
+def dataset_and_plan(reports: Path) -> Section:
+    """The load stage's fingerprint and the plan resolved from it (which values were automatic)."""
+    s = Section("Dataset fingerprint and plan", "plan")
+    fp, plan = _read_metrics(reports / "load" / "fingerprint.json"), _read_metrics(reports / "plan" / "plan.json")
+    if fp is None:
+        s.note("No fingerprint (run the load stage).")
+    else:
+        sizes = ", ".join(f"{z['height']}x{z['width']} ({z['count']})" for z in fp.get("sizes", [])[:5])
+        area = fp.get("mask_area_fraction") or {}
+        letterbox = fp.get("letterbox") or {}
+        s.table(["fact", "value"], [
+            ["training images", fp.get("images")], ["sizes (h x w, count)", sizes],
+            ["channels", fp.get("channels")], ["source modes", fp.get("modes")],
+            ["intensity percentiles", fp.get("intensity")],
+            ["empty masks", fp.get("empty_fraction")],
+            ["mask area / image (quantiles)", area],
+            ["components per mask (quantiles)", fp.get("components")],
+            ["groups", f"{fp.get('groups')} ({fp.get('group_kind')})"],
+            ["letterboxed images", letterbox.get("fraction")]])
+    if plan is None:
+        s.note("No plan (run the plan stage).")
+    else:
+        automatic = set(plan.get("automatic", []))
+        s.text("Every `auto` knob in params.yaml resolved from the fingerprint and the device "
+               f"({(plan.get('basis') or {}).get('device', {}).get('device', '?')}); explicit values win.")
+        s.table(["knob", "value", "how"], [[key, value, "auto" if key in automatic else "params.yaml"]
+                                           for key, value in plan.get("values", {}).items()])
+    return s
 
 
 def stage_image(title: str, anchor: str, path: Path, reports: Path, stage: str, caption: str) -> Section:
@@ -372,18 +430,6 @@ def training_curves(train_dir: Path) -> Section:
 
 def diagnostics_section(train_dir: Path) -> Section:
     """The train stage's diagnostics: warnings, PCA and attribution summaries, and each fold's figures."""
-    captions = {  # figure name suffix -> caption (pipeline/diagnostics.py draws them)
-        "health": "Per layer and epoch: mean gradient norm of the training steps and weight norm (log10), the "
-                  "fraction of each ReLU's channels that never fired on the validation images, and each layer's "
-                  "output std at step 0 (an exploding or collapsing initialisation shows here).",
-        "filters": "The first convolution's filters, each scaled to its own largest weight (gray = 0): smooth "
-                   "edge and blob detectors mean it learned; salt-and-pepper noise means it barely moved from init.",
-        "features": "Feature maps of a few layers (the most active channels) for one validation image with a nerve "
-                    "and one without.",
-        "bottleneck": "Left: how many principal components of the encoder's bottleneck features explain the "
-                      "variance. Right: the channels whose removal changes the presence logit most (gradient x "
-                      "activation, exact for the presence head), separately for images with and without a nerve.",
-    }
     s = Section("Training diagnostics", "diagnostics")
     folder = train_dir / "diagnostics"
     results = [r for r in map(_read_metrics, sorted(folder.glob("fold_*.json"))) if r]
@@ -411,9 +457,10 @@ def diagnostics_section(train_dir: Path) -> Section:
                     [[a["channel"], a["mean_abs"], a["mean_nerve"], a["mean_empty"]] for a in r["attribution"][:8]])
         if not r.get("figures"):
             s.note("Figures are off (diagnostics.enabled: false).")
-        for name in r.get("figures", []):
+        for figure in r.get("figures", []):  # {"file", "caption"}, as the train stage drew them
+            figure = {"file": figure} if isinstance(figure, str) else figure  # an older run's: no caption
+            name, caption = figure.get("file", ""), figure.get("caption")
             png = _png_file(folder / name)
-            caption = next((c for key, c in captions.items() if name.endswith(f"_{key}.png")), None)
             if png is None:
                 s.note(f"{folder / name}: missing or not a PNG.")
                 continue
@@ -442,9 +489,10 @@ def run(params: Params, *, reports: str | Path, interim: str | Path, oof: str | 
     metrics = {stage: _read_metrics(reports / stage / "metrics.json") for stage, _ in STAGES}
     chosen = _read_metrics(thresholds)
     all_empty = (metrics["tune"] or {}).get("dice_all_empty")
-    sections = [headline(metrics, chosen), stage_metrics(reports, metrics),
+    sections = [headline(metrics, chosen), dataset_and_plan(reports), stage_metrics(reports, metrics),
                 dice_vs_threshold(reports, chosen, all_empty),
-                *oof_sections(reports, Path(interim), Path(oof), thresholds, params.report.gallery_images),
+                *oof_sections(reports, Path(interim), Path(oof), thresholds, params.report.gallery_images,
+                              params.data.object_name),
                 stage_image("Contradictory near-duplicates (dedup audit)", "dedup", reports / "dedup" / "gallery.png",
                             reports, "dedup", "Near-identical frames whose masks disagree: the label noise that "
                             "the clean stage removes."),
@@ -455,8 +503,9 @@ def run(params: Params, *, reports: str | Path, interim: str | Path, oof: str | 
                 experiments_pointer()]
     subtitle = (f"From `{reports}/` (stage metrics, plots and tune's per-image scores), `{oof}` (out-of-fold "
                 f"predictions) and `{thresholds}`. Regenerate with `dvc repro` or `python -m pipeline report`.")
-    write_text(html, render_html(sections, title=TITLE, heading=HEADING, subtitle=subtitle))
-    write_text(summary, render_md(sections, heading=HEADING, subtitle=subtitle))
+    title, heading = headings(params.data.object_name)
+    write_text(html, render_html(sections, title=title, heading=heading, subtitle=subtitle))
+    write_text(summary, render_md(sections, heading=heading, subtitle=subtitle))
     missing = sorted(stage for stage, data in metrics.items() if data is None)
     return {"sections": len(sections), "missing_stage_metrics": ", ".join(missing) or "none",
             "html": str(html), "summary": str(summary)}

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -146,11 +146,13 @@ def write_submission(path: str | Path, rows: Iterable[tuple[str, str]], columns:
 
 def validate_submission(path: str | Path, expected_ids: Iterable[str] | None = None,
                         shape: tuple[int, int] = KAGGLE_SHAPE, columns: Sequence[str] = ("img", "pixels"),
-                        start: int = 1, numeric_ids: bool = True) -> int:
+                        start: int = 1, numeric_ids: bool = True,
+                        shapes: Mapping[str, tuple[int, int]] | None = None) -> int:
     """Check a submission CSV; returns its row count or raises SubmissionError listing problems.
 
     Checks the header, that ids are numeric (`numeric_ids`), unique and exactly the
-    `expected_ids`, and every run string against an image of `shape`. Read with the csv
+    `expected_ids`, and every run string against an image of `shape` (or of its own size in
+    `shapes`, id -> (height, width), when the images differ in size). Read with the csv
     module, not pandas: pandas silently turns a row with an extra field into an index
     column, shifting every value.
     """
@@ -177,7 +179,7 @@ def validate_submission(path: str | Path, expected_ids: Iterable[str] | None = N
             problems.append(f"line {line}: id {img} is listed more than once")
         seen.add(img)
         try:
-            parse_runs(pixels, n, start)
+            parse_runs(pixels, n if shapes is None or img not in shapes else shapes[img][0] * shapes[img][1], start)
         except RLEError as exc:
             problems.append(f"line {line}: id {img}: {exc}")
     if expected_ids is not None:
@@ -205,22 +207,26 @@ def validate_submission_file(submission: str | Path, *, test_dir: str | Path | N
     numeric-id rule); returns its row count, or raises SubmissionError / InputError.
 
     With `test_dir`, its test images (listed by the load stage's rule, `layouts.list_test_images`:
-    dot-files such as AppleDouble `._1.tif` skipped) must each appear exactly once, and the image
-    size (unless both `height` and `width` are given) is read from the first of them. Without it
-    the size is `height` x `width`, each defaulting to the Kaggle 420 x 580.
+    dot-files such as AppleDouble `._1.tif` skipped) must each appear exactly once, and each run
+    string is checked against its own image's size (unless `height` and `width` are given). Without
+    it the size is `height` x `width`, each defaulting to the Kaggle 420 x 580.
     """
-    from pipeline.io import InputError, read_image
+    from pipeline.io import InputError, image_size
     from pipeline.layouts import list_test_images
 
     for name, value in (("height", height), ("width", width)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise InputError(f"--{name} must be a positive whole number of pixels, got {value!r}")
-    ids, shape = None, KAGGLE_SHAPE
+    ids, shapes = None, None
     if test_dir is not None:
         images = list_test_images(Path(test_dir), data)
         ids = [image_id for image_id, _ in images]
-        if height is None or width is None:
-            shape = read_image(images[0][1], data.channels)[0].shape[:2]
-    shape = (shape[0] if height is None else height, shape[1] if width is None else width)
+        if height is None or width is None:  # each run string against its own image's size
+            shapes = {image_id: image_size(path) for image_id, path in images}
+    if height is not None or width is not None or not shapes:
+        default = next(iter(shapes.values())) if shapes else KAGGLE_SHAPE
+        shape, shapes = (default[0] if height is None else height, default[1] if width is None else width), None
+    else:
+        shape = next(iter(shapes.values()))
     return validate_submission(submission, ids, shape, columns=data.submission_columns, start=data.rle_start,
-                               numeric_ids=numeric_ids(data))
+                               numeric_ids=numeric_ids(data), shapes=shapes)

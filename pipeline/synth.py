@@ -9,9 +9,14 @@ mask erased (label noise), so near-duplicate pairs carry contradictory labels.
 
 The truth (which frames were corrupted, the true test masks) goes to `truth/`
 beside `train/` and `test/`; training never reads it, later stages score with it.
+
+Only when the pipeline reads it: with `data.raw_dir` pointing at another dataset, the stage
+writes just a note (`NOT_GENERATED.txt`) into its output folder, so `dvc repro` on a user's
+data spends no time here.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +26,13 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from pipeline import rle
-from pipeline.io import atomic_dir, write_csv, write_json, write_png, write_tiff
+from pipeline.io import atomic_dir, write_csv, write_json, write_png, write_text, write_tiff
 from pipeline.params import Params
 
 TWIN_PROBABILITY = 0.35   # chance a frame is a near-identical repeat of the previous one
 VISIBILITY_SWITCH = 0.4   # sum of the two switching rates of the visible/hidden Markov chain
+SYNTH_DIR = "data/raw/synthetic"   # the synth stage's output in dvc.yaml, and data.raw_dir's default
+NOTE = "NOT_GENERATED.txt"         # all the stage writes when data.raw_dir is another dataset
 
 
 @dataclass(frozen=True)
@@ -135,8 +142,26 @@ def subject_frames(anatomy: Anatomy, rng: np.random.Generator, n_frames: int, p_
     return frames
 
 
-def run(params: Params, *, out: str | Path) -> dict[str, float]:
-    """Write train/, test/ and truth/ under `out` (atomically, as one directory)."""
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    return Path(os.path.abspath(a)).resolve() == Path(os.path.abspath(b)).resolve()
+
+
+def generates(params: Params, out: str | Path) -> bool:
+    """Whether the pipeline reads the synthetic data: `data.raw_dir` is the synthetic folder
+    (`data/raw/synthetic`, its default and the stage's output in dvc.yaml) or `out` itself."""
+    return _same_folder(params.data.raw_dir, SYNTH_DIR) or _same_folder(params.data.raw_dir, out)
+
+
+def run(params: Params, *, out: str | Path) -> dict[str, float | str]:
+    """Write train/, test/ and truth/ under `out` (atomically, as one directory); when `data.raw_dir` is
+    another dataset (`generates`), only a note saying why nothing was generated."""
+    if not generates(params, out):
+        where = SYNTH_DIR if _same_folder(out, SYNTH_DIR) else f"{out} (or {SYNTH_DIR})"
+        reason = (f"data.raw_dir is {params.data.raw_dir}, not {where}: the pipeline reads that dataset, "
+                  "so no synthetic data was generated")
+        with atomic_dir(out) as tmp:
+            write_text(tmp / NOTE, f"{reason}.\nSet data.raw_dir: {SYNTH_DIR} in params.yaml to generate it.\n")
+        return {"skipped": reason, "note": str(Path(out) / NOTE)}
     seed, params = params.seed, params.synth
     shape = (params.height, params.width)
     p_visible = (1 - params.empty_fraction) / (1 - params.label_noise) if params.label_noise < 1 else 1.0

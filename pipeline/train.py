@@ -1,15 +1,12 @@
 """Train stage: U-Net + mask-presence head on subject-grouped folds, resumable, with OOF probabilities.
 
-Each trained fold writes `fold_K/best.pt` (best validation Dice, see `evaluate`) and `fold_K/last.pt`
-(after every epoch, with optimizer, scheduler, RNG state and a hash of params and
-inputs), so a killed run continues from its last finished epoch and ends with the
-same weights as an uninterrupted one. The last epoch's last.pt leaves the optimizer,
-scheduler and RNG state out (two thirds of its size with AdamW): a finished fold needs
-only best.pt for prediction, and last.pt's hash and history for a re-run to skip it.
-Every checkpoint holds plain data only and is read with `weights_only=True`. The
-validation probabilities of the best checkpoints go to `oof.npz` for the tune stage.
-The same code runs single-process or under `torchrun` (DistributedDataParallel);
-rank 0 writes every file.
+Here: the folds, the loss and the monitoring metrics, one fold's training loop, and `run`.
+Each fold's files (`fold_K/best.pt`, `last.pt` after every unfinished epoch, `done.json` once
+finished) are `pipeline/checkpoints.py`: a killed run continues from its last finished epoch and
+ends with the same weights as an uninterrupted one, and a re-run with the same params and inputs
+skips a finished fold. The same code runs single-process or under `torchrun`
+(`pipeline/runtime.py`); rank 0 writes every file. The validation probabilities of the best
+checkpoints go to `oof.npz` for the tune stage.
 """
 from __future__ import annotations
 
@@ -17,8 +14,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,12 +24,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline import diagnostics
-from pipeline.artifacts import load_augmentation, open_arrays, read_training_manifest, write_oof
+from pipeline.artifacts import load_augmentation, open_arrays, read_plan, read_training_manifest, write_oof
+from pipeline.checkpoints import FoldFiles
 from pipeline.codedeps import PACKAGE_DIR, code_files
 from pipeline.metrics import dice_per_image
-from pipeline.model import (CheckpointError, build_model, channels_first, check_encoder, read_checkpoint,
-                            save_checkpoint, split_outputs)
+from pipeline.model import build_model, channels_first, check_encoder, split_outputs
 from pipeline.params import DiagnosticsParams, Params, TrainParams, to_dict
+from pipeline.runtime import Runtime, setup_runtime, teardown
 from pipeline.transforms import apply, sample_seed, working_arrays
 
 GATE = 0.5  # pixel and presence threshold for the monitoring Dice; the tune stage picks the real ones
@@ -134,7 +130,7 @@ def pixel_stats(images: np.ndarray, chunk: int = 64) -> dict[str, float]:
     return {"mean": mean, "std": max(std, 1e-6)}
 
 
-# ---------------------------------------------------------------- data and devices
+# ---------------------------------------------------------------- data
 
 class Samples(torch.utils.data.Dataset):
     """Working-size samples, normalised; augmented deterministically per (seed, epoch, index)."""
@@ -150,71 +146,6 @@ class Samples(torch.utils.data.Dataset):
         image, mask = apply(self.transform, self.images[i], self.masks[i], sample_seed(self.seed, self.epoch, i))
         x = (channels_first(image[None])[0] - self.norm["mean"]) / self.norm["std"]
         return x, torch.from_numpy(np.ascontiguousarray(mask))[None].float()
-
-
-@dataclasses.dataclass(frozen=True)
-class Runtime:
-    """Where this process trains: device, mixed precision, and its place among torchrun ranks."""
-
-    device: torch.device
-    amp: bool
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def gather(self, obj: Any) -> list[Any]:
-        if self.world == 1:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when `flag` is true on some rank."""
-        if self.world == 1:
-            return flag
-        x = torch.tensor([float(flag)], device=self.device)
-        torch.distributed.all_reduce(x, op=torch.distributed.ReduceOp.MAX)
-        return bool(x.item())
-
-
-def setup_runtime(t: TrainParams) -> Runtime:
-    """CUDA (bf16 autocast, channels_last) when present, else CPU with `train.threads` threads; joins torchrun's group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    else:
-        per_proc = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
-        torch.set_num_threads(t.threads or per_proc)
-    rank = 0
-    if world > 1:
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-        rank = torch.distributed.get_rank()
-    return Runtime(torch.device("cuda", local) if cuda else torch.device("cpu"), amp=cuda and t.amp,
-                   rank=rank, world=world)
-
-
-def _to_device(x: torch.Tensor, rt: Runtime) -> torch.Tensor:
-    if rt.device.type == "cuda":
-        return x.to(rt.device, non_blocking=True, memory_format=torch.channels_last)
-    return x
-
-
-def _log(rt: Runtime, message: str) -> None:
-    if rt.main:
-        tqdm.write(message, file=sys.stderr)
 
 
 # ---------------------------------------------------------------- one fold
@@ -240,7 +171,7 @@ def predict(model: torch.nn.Module, images: np.ndarray, masks: np.ndarray, fold:
     probs, presence, loss_sum = [], [], 0.0
     for start in range(0, len(images), t.batch_size):
         x = channels_first(images[start:start + t.batch_size])
-        x = _to_device((x - fold.norm["mean"]) / fold.norm["std"], rt)
+        x = rt.to_device((x - fold.norm["mean"]) / fold.norm["std"])
         y = torch.from_numpy(masks[start:start + t.batch_size])[:, None].float().to(rt.device)
         with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.amp):
             mask_logits, presence_logit = split_outputs(model(x))
@@ -256,9 +187,7 @@ def predict(model: torch.nn.Module, images: np.ndarray, masks: np.ndarray, fold:
 def validate(model: torch.nn.Module, fold: Fold, t: TrainParams, rt: Runtime) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Every rank predicts its strided share of the validation images; the shares are gathered
     exactly (no padding duplicates), so all ranks hold the same probabilities and metrics."""
-    if rt.world > 1:  # each rank updated its own BatchNorm statistics: use rank 0's, the saved ones
-        for buffer in model.buffers():
-            torch.distributed.broadcast(buffer, 0)
+    rt.broadcast_buffers(model)  # each rank updated its own BatchNorm statistics: use rank 0's, the saved ones
     share = np.arange(rt.rank, len(fold.x_val), rt.world)
     probs, presence, loss_sum = predict(model, fold.x_val[share], fold.y_val[share], fold, t, rt)
     parts = rt.gather((share, probs, presence, loss_sum))
@@ -282,7 +211,7 @@ def train_epoch(model: torch.nn.Module, loader: torch.utils.data.DataLoader, opt
     model.train()
     total = torch.zeros(2, device=rt.device)
     for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not rt.main, mininterval=1.0):
-        x, y = _to_device(x, rt), y.to(rt.device, non_blocking=True)
+        x, y = rt.to_device(x), y.to(rt.device, non_blocking=True)
         with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.amp):
             mask_logits, presence_logit = split_outputs(model(x))
         loss = compute_loss(mask_logits, presence_logit, y, t)
@@ -296,34 +225,14 @@ def train_epoch(model: torch.nn.Module, loader: torch.utils.data.DataLoader, opt
         optimizer.step()
         scheduler.step()
         total += torch.stack([loss.detach() * len(x), torch.tensor(float(len(x)), device=rt.device)])
-    if rt.world > 1:
-        torch.distributed.all_reduce(total)
+    rt.sum_(total)
     return float(total[0] / total[1].clamp(min=1))
-
-
-def _resume_state(path: Path, run_hash: str, epochs: int, rt: Runtime) -> dict[str, Any] | None:
-    """last.pt's state when it was saved for the same params and inputs, else None (with the reason logged).
-
-    It is read with `weights_only=True`: a file hiding code is refused (and overwritten), never run."""
-    if not path.exists():
-        return None
-    try:
-        state = read_checkpoint(path, map_location="cpu")
-    except CheckpointError as exc:  # unreadable, or not plain data: start over
-        _log(rt, f"{exc}; starting this fold over")
-        return None
-    if state.get("run_hash") != run_hash:
-        _log(rt, f"{path}: saved for other train params or inputs; starting this fold over")
-        return None
-    if "optimizer" not in state and state.get("epoch") != epochs:
-        _log(rt, f"{path}: has no optimizer state to resume from; starting this fold over")
-        return None
-    return state
 
 
 def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Path, rt: Runtime,
              live: Any, d: DiagnosticsParams, diag_dir: Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Train one fold (resuming from last.pt when it matches), then predict its validation images with best.pt.
+    """Train one fold (resuming where it stands for the same run hash), then predict its validation
+    images with best.pt.
 
     Rank 0 runs the diagnostics: they read, never change, the model (pipeline/diagnostics.py)."""
     torch.manual_seed(seed + fold.index)  # each fold's start is independent of the folds before it
@@ -340,29 +249,26 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=t.lr, total_steps=t.epochs * len(loader),
                                                     pct_start=0.2)
-    last, best_path = fold_dir / "last.pt", fold_dir / "best.pt"
+    files = FoldFiles(fold_dir, fold.run_hash)
     start, history, best = 0, [], -1.0
     monitor = diagnostics.Monitor(d, fold.index, model, fold.x_val, fold.y_val, fold.norm, seed,
-                                  lambda message: _log(rt, message)) if rt.main else None
-    state = _resume_state(last, fold.run_hash, t.epochs, rt)
+                                  rt.log) if rt.main else None
+    state = files.resume(t.epochs, rt.log)
+    rt.barrier()  # every rank has read the fold's files before rank 0 removes stale ones
+    if rt.main:
+        files.settle(state)
     if state is not None:
-        model.load_state_dict(state["model"])
-        if "optimizer" in state:  # a finished fold's last.pt has none: nothing is left to train
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"]["torch"])
-            if rt.device.type == "cuda" and state["rng"]["cuda"] is not None:
-                torch.cuda.set_rng_state(state["rng"]["cuda"])
+        files.restore(state, model, optimizer, scheduler, rt.device)
         start, history, best = state["epoch"], state["history"], state["best_dice"]
         if monitor:
             monitor.restore(state.get("diagnostics"))
-        _log(rt, f"fold {fold.index}: resuming after epoch {start} of {t.epochs} from {last}")
+        rt.log(f"fold {fold.index}: resuming after epoch {start} of {t.epochs} from "
+               f"{files.last if 'model' in state else files.done}")
     elif monitor:
         monitor.start(model)
     for row in history:
         _log_epoch(live, fold.index, row)
-    # static_graph: with encoder_depth < 5 smp keeps the encoder's deeper stages, which get no gradient
-    net = torch.nn.parallel.DistributedDataParallel(model, static_graph=True) if rt.world > 1 else model
+    net = rt.wrap(model)
     for epoch in range(start, t.epochs):
         began = time.perf_counter()
         sampler.set_epoch(epoch)
@@ -370,7 +276,7 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
         lr = scheduler.get_last_lr()[0]
         train_loss = train_epoch(net, loader, optimizer, scheduler, t, rt,
                                  f"fold {fold.index} epoch {epoch + 1}/{t.epochs}", monitor.grads if monitor else None)
-        with diagnostics.relu_alive(model) if monitor else contextlib.nullcontext({}) as alive:
+        with monitor.watch(model) if monitor else contextlib.nullcontext({}) as alive:
             _, presence, val = validate(model, fold, t, rt)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "val_loss": val["loss"],
                "val_dice": val["dice"], "val_dice_tuned": val["dice_tuned"], "val_presence_acc": val["presence_acc"],
@@ -379,23 +285,23 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
         if monitor:
             row |= monitor.end_epoch(model, alive, history, presence, fold.y_val)
         _log_epoch(live, fold.index, row)
-        _log(rt, f"fold {fold.index} epoch {epoch + 1}/{t.epochs}: train loss {train_loss:.4f}, val loss "
-                 f"{val['loss']:.4f}, val Dice {val['dice']:.4f} (tuned gate {val['dice_tuned']:.4f}, all-empty "
-                 f"{val['empty_dice']:.4f}), presence acc "
-                 f"{val['presence_acc']:.3f} AUC {val['presence_auc']:.3f}, {row['seconds']:.1f}s")
+        rt.log(f"fold {fold.index} epoch {epoch + 1}/{t.epochs}: train loss {train_loss:.4f}, val loss "
+               f"{val['loss']:.4f}, val Dice {val['dice']:.4f} (tuned gate {val['dice_tuned']:.4f}, all-empty "
+               f"{val['empty_dice']:.4f}), presence acc "
+               f"{val['presence_acc']:.3f} AUC {val['presence_auc']:.3f}, {row['seconds']:.1f}s")
         if rt.main:
             if val["dice_tuned"] > best:
-                save_checkpoint(best_path, model, t, fold.norm, epoch=epoch + 1, metrics=val)
+                files.save_best(model, t, fold.norm, epoch=epoch + 1, metrics=val)
             best = max(best, val["dice_tuned"])
-            resume = {}
-            if epoch + 1 < t.epochs:  # what the next epoch needs; a finished fold keeps none of it
-                cuda_rng = torch.cuda.get_rng_state() if rt.device.type == "cuda" else None
-                resume = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng}}
-            save_checkpoint(last, model, t, fold.norm, epoch=epoch + 1, **resume, run_hash=fold.run_hash,
-                            history=history, best_dice=best, diagnostics=monitor.state() if monitor else None)
+            progress = {"epoch": epoch + 1, "history": history, "best_dice": best,
+                        "diagnostics": monitor.state() if monitor else None}
+            if epoch + 1 < t.epochs:  # what the next epoch needs
+                files.save_last(model, t, fold.norm, optimizer=optimizer, scheduler=scheduler, device=rt.device,
+                                **progress)
+            else:  # finished: best.pt and a small done.json stay, last.pt goes
+                files.finish(**progress)
         rt.barrier()
-    best_state = read_checkpoint(best_path, map_location=rt.device)
+    best_state = files.read_best(map_location=rt.device)
     model.load_state_dict(best_state["model"])
     probs, presence, _ = validate(model, fold, t, rt)
     warnings = monitor.finish(model, diag_dir) if monitor else 0
@@ -430,24 +336,25 @@ def _run_hash(t: TrainParams, seed: int, norm: dict[str, float], augment_bytes: 
     return h.hexdigest()
 
 
-def run(params: Params, *, interim: str | Path, manifest: str | Path, augment: str | Path,
+def run(params: Params, *, interim: str | Path, manifest: str | Path, augment: str | Path, plan: str | Path,
         models: str | Path, oof: str | Path, reports: str | Path) -> dict[str, Any]:
     """Train `train.train_folds` of `train.folds` subject-grouped folds; returns the final metrics (rank 0)."""
+    params = read_plan(plan).apply(params)
     t, seed, d = params.train, params.seed, params.diagnostics
     interim_dir, manifest_path, augment_path, models_dir, oof_dir, reports_dir = (
         interim, manifest, augment, models, oof, reports)
     began = time.perf_counter()
     check_encoder(t.encoder)  # a typo fails here, before loading data or joining torchrun's group
     rt = setup_runtime(t)
-    _log(rt, f"training on {rt.device.type}" + (f" x{rt.world} ranks" if rt.world > 1 else "")
-         + (", bf16 autocast" if rt.amp else f", {torch.get_num_threads()} threads" if rt.device.type == "cpu" else ""))
+    rt.log(rt.describe())
     try:
         images, masks = open_arrays(interim_dir, "train")
         table = read_training_manifest(manifest_path, len(images))
         rows = table.row.to_numpy()
         transform = load_augmentation(augment_path)
         norm = pixel_stats(images[rows])
-        x, y = working_arrays(images[rows], masks[rows], (t.height, t.width))
+        x, y = working_arrays(images[rows], masks[rows], (t.height, t.width), table[["height", "width"]].to_numpy(),
+                              t.resize)
         folds = subject_folds(table.subject.to_numpy(), t.folds, seed)
         run_hash = _run_hash(t, seed, norm, Path(augment_path).read_bytes(), table.id.tolist(), x, y, folds)
         live = _open_live(reports_dir) if rt.main else None
@@ -478,8 +385,7 @@ def run(params: Params, *, interim: str | Path, manifest: str | Path, augment: s
         live.make_summary()
         return summary
     finally:
-        if rt.world > 1:
-            torch.distributed.destroy_process_group()
+        teardown(rt)
 
 
 def _open_live(reports_dir: str | Path) -> Any:

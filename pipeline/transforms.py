@@ -11,6 +11,7 @@ import random
 import albumentations as A
 import numpy as np
 
+from pipeline.artifacts import size_groups
 from pipeline.model import preprocess
 from pipeline.params import AugmentParams
 
@@ -46,22 +47,27 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
-def working_arrays(images: np.ndarray, masks: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+def working_arrays(images: np.ndarray, masks: np.ndarray, size: tuple[int, int], sizes: np.ndarray | None = None,
+                   resize: str = "stretch") -> tuple[np.ndarray, np.ndarray]:
     """Native uint8 images and 0/1 masks -> float32 images in [0, 1] and 0/1 uint8 masks at `size`.
 
-    Images are resized exactly as `model.preprocess` does at prediction time; masks the same
-    way, then thresholded at 0.5.
+    Images are resized exactly as `model.preprocess` does at prediction time (stretched, or
+    padded with `resize: pad`); masks the same way, then thresholded at 0.5. `sizes` gives each
+    image's native (height, width) when images of mixed sizes share one padded array.
     """
-    xs, ys = [], []
-    for start in range(0, len(images), CHUNK):
-        x = preprocess(images[start:start + CHUNK], size, 0.0, 1.0).permute(0, 2, 3, 1)  # channels last
-        xs.append((x[..., 0] if x.shape[-1] == 1 else x).numpy())
-        m = np.asarray(masks[start:start + CHUNK], dtype=np.uint8) * np.uint8(255)
-        ys.append((preprocess(m, size, 0.0, 1.0)[:, 0] >= 0.5).numpy().astype(np.uint8))
-    h, w = size
-    if not xs:
-        return np.zeros((0, h, w) + images.shape[3:], np.float32), np.zeros((0, h, w), np.uint8)
-    return np.concatenate(xs), np.concatenate(ys)
+    n, (h, w) = len(images), size
+    sizes = np.tile(images.shape[1:3], (n, 1)) if sizes is None else np.asarray(sizes).reshape(n, 2)
+    xs = np.zeros((n, h, w) + images.shape[3:], np.float32)
+    ys = np.zeros((n, h, w), np.uint8)
+    for (native_h, native_w), positions in size_groups(sizes[:, 0], sizes[:, 1]):
+        for start in range(0, len(positions), CHUNK):
+            part = positions[start:start + CHUNK]
+            x = preprocess(np.asarray(images[part])[:, :native_h, :native_w], size, 0.0, 1.0, resize)
+            x = x.permute(0, 2, 3, 1)  # channels last
+            xs[part] = (x[..., 0] if x.shape[-1] == 1 else x).numpy()
+            m = np.asarray(masks[part], dtype=np.uint8)[:, :native_h, :native_w] * np.uint8(255)
+            ys[part] = (preprocess(m, size, 0.0, 1.0, resize)[:, 0] >= 0.5).numpy()
+    return xs, ys
 
 
 def apply(transform: A.Compose, image: np.ndarray, mask: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:

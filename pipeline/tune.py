@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline.artifacts import (SCORE_COLUMNS, Thresholds, open_arrays, read_manifest, read_oof, write_oof_scores,
-                                write_thresholds)
+from pipeline.artifacts import (SCORE_COLUMNS, Thresholds, open_arrays, read_manifest, read_oof, read_plan,
+                                size_groups, write_oof_scores, write_thresholds)
 from pipeline.io import InputError, save_figure, write_csv, write_json
 from pipeline.metrics import dice_from_counts, dice_per_image
 from pipeline.model import to_native
@@ -30,10 +30,11 @@ from pipeline.rle import encode
 CHUNK = 32  # images upsampled at once: 32 x 420 x 580 float32 is about 31 MB
 
 
-def train_rows(interim_dir: str | Path, ids: np.ndarray) -> np.ndarray:
-    """Rows of the train arrays for `ids`; an id the load stage does not know is an error."""
+def train_rows(interim_dir: str | Path, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the train arrays for `ids` and their native (height, width); an unknown id is an error."""
     manifest = read_manifest(interim_dir)
-    train = manifest[manifest.split == "train"].set_index("id")["row"]
+    table = manifest[manifest.split == "train"].set_index("id")
+    train = table["row"]
     unknown = [i for i in ids if i not in train.index]
     if unknown:
         raise InputError(f"{len(unknown)} OOF id(s) not among the train images of {interim_dir}, "
@@ -42,11 +43,20 @@ def train_rows(interim_dir: str | Path, ids: np.ndarray) -> np.ndarray:
     if (counts > 1).any():
         dup = names[counts > 1]
         raise InputError(f"{len(dup)} OOF id(s) appear more than once, e.g. {', '.join(dup[:5])}")
-    return train.loc[ids].to_numpy()
+    return train.loc[ids].to_numpy(), table.loc[ids, ["height", "width"]].to_numpy(np.int64)
 
 
-def count(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray,
-          pixel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _native_chunks(sizes: np.ndarray | None, truth: np.ndarray, n: int, desc: str | None = None):
+    """(native (h, w), positions) in chunks of at most CHUNK images of one size; `sizes` None: every
+    image has the size of the truth arrays."""
+    sizes = np.tile(truth.shape[1:3], (n, 1)) if sizes is None else sizes
+    chunks = [(size, positions[start:start + CHUNK]) for size, positions in size_groups(sizes[:, 0], sizes[:, 1])
+              for start in range(0, len(positions), CHUNK)]
+    return tqdm(chunks, desc=desc, unit="chunk", mininterval=1.0) if desc else chunks
+
+
+def count(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, pixel: np.ndarray,
+          sizes: np.ndarray | None = None, resize: str = "stretch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-image overlap (T,N), predicted area (T,N) and true area (N,) at native size.
 
     `pixel` must be sorted ascending. Each pixel gets the number of thresholds it beats
@@ -55,16 +65,14 @@ def count(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray,
     """
     n_bins = len(pixel) + 1
     dtype = np.min_scalar_type(2 * n_bins)
-    shape = truth.shape[1:]
     counts = np.empty((len(rows), 2, n_bins), np.int64)
-    for start in tqdm(range(0, len(rows), CHUNK), desc="tune: count", unit="chunk", mininterval=1.0):
-        stop = min(start + CHUNK, len(rows))
-        low = torch.from_numpy(np.asarray(mask_prob[start:stop], np.float32))[:, None]
-        prob = to_native(low, shape).numpy()
-        bins = np.asarray(truth[rows[start:stop]], dtype) * dtype.type(n_bins)
+    for (h, w), part in _native_chunks(sizes, truth, len(rows), "tune: count"):
+        low = torch.from_numpy(np.asarray(mask_prob[part], np.float32))[:, None]
+        prob = to_native(low, (h, w), resize).numpy()
+        bins = np.asarray(truth[rows[part]], dtype)[:, :h, :w] * dtype.type(n_bins)
         for t in pixel:
             bins += prob > t
-        counts[start:stop] = [np.bincount(b.ravel(), minlength=2 * n_bins).reshape(2, n_bins) for b in bins]
+        counts[part] = [np.bincount(b.ravel(), minlength=2 * n_bins).reshape(2, n_bins) for b in bins]
     above = np.cumsum(counts[..., ::-1], axis=-1)[..., ::-1]  # above[..., j]: pixels beating j thresholds
     inter = above[:, 1, 1:].T
     area = above[:, :, 1:].sum(axis=1).T
@@ -102,7 +110,7 @@ def _heatmap(grid: pd.DataFrame, pixel: float, path: Path) -> None:
 
 
 def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_prob: np.ndarray,
-           p: TuneParams) -> tuple[pd.DataFrame, Thresholds, dict[str, float]]:
+           p: TuneParams, sizes: np.ndarray | None = None, resize: str = "stretch") -> tuple[pd.DataFrame, Thresholds, dict[str, float]]:
     """Score every grid candidate; returns (one row per candidate, the best, metrics).
 
     The metrics put the best next to the baselines it must beat: predicting all empty,
@@ -110,7 +118,7 @@ def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_
     """
     default = Thresholds()
     pixel = np.unique(np.array(p.pixel_thresholds + (default.pixel,), np.float32))
-    inter, area, truth_area = count(mask_prob, truth, rows, pixel)
+    inter, area, truth_area = count(mask_prob, truth, rows, pixel, sizes, resize)
     grid_pixel = np.unique(np.array(p.pixel_thresholds, np.float32))
     presence = np.unique(np.array(p.presence_thresholds, np.float32))
     min_area = np.unique(np.array(p.min_areas, np.int64))
@@ -139,7 +147,8 @@ def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_
 
 
 def oof_scores(ids: np.ndarray, mask_prob: np.ndarray, presence_prob: np.ndarray, truth: np.ndarray,
-               rows: np.ndarray, t: Thresholds) -> pd.DataFrame:
+               rows: np.ndarray, t: Thresholds, sizes: np.ndarray | None = None,
+               resize: str = "stretch") -> pd.DataFrame:
     """One row per OOF image at thresholds `t`: the final mask at native size, exactly as predict makes it
     (`to_native`, then `postprocess.apply`), scored against the truth.
 
@@ -148,38 +157,40 @@ def oof_scores(ids: np.ndarray, mask_prob: np.ndarray, presence_prob: np.ndarray
     competition's run-length encoding (1-indexed, column-major; empty when the mask is empty).
     """
     n = len(ids)
-    shape = truth.shape[1:3]
     truth_area, pred_area = np.zeros(n, np.int64), np.zeros(n, np.int64)
     dice = np.zeros(n, np.float64)
     runs = [""] * n
-    for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
-        low = torch.from_numpy(np.asarray(mask_prob[start:stop], np.float32))[:, None]
-        pred = apply(to_native(low, shape).numpy(), presence_prob[start:stop], t)
-        true = np.asarray(truth[rows[start:stop]], bool)
-        truth_area[start:stop] = true.reshape(stop - start, -1).sum(axis=1)
-        pred_area[start:stop] = pred.reshape(stop - start, -1).sum(axis=1)
-        dice[start:stop] = dice_per_image(pred, true)
-        runs[start:stop] = [encode(p) if a else "" for p, a in zip(pred, pred_area[start:stop])]
+    for (h, w), part in _native_chunks(sizes, truth, n):
+        low = torch.from_numpy(np.asarray(mask_prob[part], np.float32))[:, None]
+        pred = apply(to_native(low, (h, w), resize).numpy(), presence_prob[part], t)
+        true = np.asarray(truth[rows[part]], bool)[:, :h, :w]
+        truth_area[part] = true.reshape(len(part), -1).sum(axis=1)
+        pred_area[part] = pred.reshape(len(part), -1).sum(axis=1)
+        dice[part] = dice_per_image(pred, true)
+        for k, mask, area in zip(part, pred, pred_area[part]):
+            runs[k] = encode(mask) if area else ""
     return pd.DataFrame({"id": np.asarray(ids, str), "presence_prob": np.asarray(presence_prob, np.float32),
                          "truth_area": truth_area, "predicted_area": pred_area, "dice": dice,
                          "truth_empty": truth_area == 0, "predicted_empty": pred_area == 0, "rle": runs},
                         columns=list(SCORE_COLUMNS))
 
 
-def run(params: Params, *, oof: str | Path, interim: str | Path, out: str | Path, reports: str | Path
-        ) -> dict[str, float]:
+def run(params: Params, *, oof: str | Path, interim: str | Path, plan: str | Path, out: str | Path,
+        reports: str | Path) -> dict[str, float]:
     """Write the chosen thresholds to `out`; the grid, plots, per-image OOF scores and metrics to `reports`."""
+    params = read_plan(plan).apply(params)
     ids, mask_prob, presence_prob = read_oof(oof)
-    rows = train_rows(interim, ids)
+    rows, sizes = train_rows(interim, ids)
     _, truth = open_arrays(interim, "train")
-    grid, chosen, metrics = search(mask_prob, truth, rows, presence_prob, params.tune)
+    resize = params.train.resize
+    grid, chosen, metrics = search(mask_prob, truth, rows, presence_prob, params.tune, sizes, resize)
     reports = Path(reports)
     write_csv(reports / "grid.csv", grid.round({"dice": 6}))
     for name in ("pixel", "presence", "min_area"):  # profile: best Dice at each value of one threshold
         write_csv(reports / f"dice_vs_{name}.csv", grid.groupby(name, as_index=False)["dice"].max().round(6))
     _heatmap(grid, chosen.pixel, reports / "heatmap.png")
-    write_oof_scores(reports / "oof_scores.csv", oof_scores(ids, mask_prob, presence_prob, truth, rows, chosen))
+    write_oof_scores(reports / "oof_scores.csv",
+                     oof_scores(ids, mask_prob, presence_prob, truth, rows, chosen, sizes, resize))
     write_json(reports / "metrics.json", metrics)
     write_thresholds(out, chosen)
     return metrics

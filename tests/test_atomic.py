@@ -17,7 +17,11 @@ from pipeline.errors import InputError
 
 
 def cli(*args: object):
-    return CliRunner().invoke(app, [str(a) for a in args])
+    """The command line; load also gets a fingerprint path beside its metrics."""
+    args = [str(a) for a in args]
+    if args[0] == "load" and "--fingerprint" not in args:
+        args += ["--fingerprint", str(Path(args[args.index("--metrics") + 1]).with_name("fingerprint.json"))]
+    return CliRunner().invoke(app, args)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -66,10 +70,10 @@ def test_load_refuses_an_output_inside_the_dataset(dataset: Path) -> None:
     assert not (dataset / "interim").exists()
 
 
-def test_a_folder_output_never_replaces_a_users_file(tiny_interim: Path, tmp_path: Path) -> None:
+def test_a_folder_output_never_replaces_a_users_file(tiny_interim: Path, tiny_plan: Path, tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("precious")
-    result = cli("dedup", "--interim", tiny_interim, "--out", notes, "--reports", tmp_path / "reports")
+    result = cli("dedup", "--interim", tiny_interim, "--plan", tiny_plan, "--out", notes, "--reports", tmp_path / "reports")
     assert_refused(result, f"{notes} already exists and was not written by the dedup stage")
     assert notes.read_text() == "precious" and not (tmp_path / "reports").exists()
 

@@ -72,9 +72,10 @@ def test_working_arrays_resize_images_like_preprocess_and_threshold_masks() -> N
     assert y[0].sum() == 0 and y[1, 10:30, 15:45].all() and y[1].sum() == 20 * 30
 
 
-def test_stage_writes_pipeline_and_preview(tiny_interim, tmp_path) -> None:
+def test_stage_writes_pipeline_and_preview(tiny_interim, tiny_plan, tmp_path) -> None:
     params = Params(seed=7, augment=AugmentParams(preview_samples=4), train=TrainParams(height=48, width=64))
-    summary = augment.run(params, interim=tiny_interim, out=tmp_path / "a.json", preview=tmp_path / "p" / "preview.png")
+    summary = augment.run(params, interim=tiny_interim, plan=tiny_plan, out=tmp_path / "a.json",
+                          preview=tmp_path / "p" / "preview.png")
     assert isinstance(artifacts.load_augmentation(tmp_path / "a.json"), A.Compose)
     assert (tmp_path / "p" / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["preview_samples"] == 4

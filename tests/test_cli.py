@@ -45,7 +45,8 @@ def test_synth_then_load(params, tmp_path):
     assert result.exit_code == 0, result.output
     assert "train_images: 6" in result.output
     result = runner.invoke(app, ["load", "--raw", str(raw), "--out", str(tmp_path / "interim"),
-                                 "--metrics", str(tmp_path / "m.json"), "--params", str(params)])
+                                 "--metrics", str(tmp_path / "m.json"), "--fingerprint", str(tmp_path / "fp.json"),
+                                 "--params", str(params)])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "interim" / "manifest.csv").exists()
 
@@ -61,7 +62,8 @@ def test_bad_params_is_one_clear_line(tmp_path):
 
 def test_bad_input_is_one_clear_line(params, tmp_path):
     result = runner.invoke(app, ["load", "--raw", str(tmp_path / "absent"), "--out", str(tmp_path / "o"),
-                                 "--metrics", str(tmp_path / "m.json"), "--params", str(params)])
+                                 "--metrics", str(tmp_path / "m.json"), "--fingerprint", str(tmp_path / "fp.json"),
+                                 "--params", str(params)])
     assert result.exit_code == 1
     assert "absent" in result.output and "Traceback" not in result.output
 
@@ -117,7 +119,8 @@ def test_predict_refuses_an_unwritable_id_before_loading_any_model(tiny_interim,
 def _one_fold(models):
     import torch
 
-    from pipeline.model import build_model, save_checkpoint
+    from pipeline.checkpoints import save_checkpoint
+    from pipeline.model import build_model
     from pipeline.params import TrainParams
 
     tiny = TrainParams(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 8), height=64, width=64)

@@ -26,7 +26,7 @@ def test_each_block_gets_its_own_histogram() -> None:
     # 2 x 3 blocks of 2 x 2 pixels, each block one distinct constant value.
     values = np.array([[10, 200, 50], [255, 0, 128]], np.uint8)
     image = np.kron(values, np.ones((2, 2), np.uint8))[None]
-    features = dedup.block_histograms(image, block_size=2, bins=256, progress=False)
+    features = dedup.block_histograms(image, grid=(2, 3), bins=256, progress=False)
     assert features.shape == (1, 6 * 256)
     per_block = features[0].reshape(6, 256)
     for block, value in enumerate(values.ravel()):
@@ -36,20 +36,41 @@ def test_each_block_gets_its_own_histogram() -> None:
 
 def test_uint8_values_are_binned_over_the_full_range() -> None:
     image = np.arange(256, dtype=np.uint8).reshape(1, 16, 16)
-    features = dedup.block_histograms(image, block_size=16, bins=4, progress=False)
+    features = dedup.block_histograms(image, grid=(1, 1), bins=4, progress=False)
     np.testing.assert_array_equal(features[0], [64, 64, 64, 64])   # not just the pixels valued 0 or 1
 
 
 @pytest.mark.parametrize("shape", [(3, 12, 16), (2, 8, 12, 3)])
 def test_histograms_equal_np_histogram_per_block(shape: tuple[int, ...]) -> None:
     images = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
-    features = dedup.block_histograms(images, block_size=4, bins=9, progress=False)
+    features = dedup.block_histograms(images, grid=(shape[1] // 4, shape[2] // 4), bins=9, progress=False)
     np.testing.assert_array_equal(features, naive_block_histograms(images, 4, 9))
 
 
-def test_block_size_that_does_not_divide_the_image_is_a_params_error() -> None:
-    with pytest.raises(ParamsError, match=r"dedup.block_size: 7 does not divide the image size 12x16.*\[1, 2, 4\]"):
-        dedup.block_histograms(np.zeros((1, 12, 16), np.uint8), block_size=7, bins=9)
+def test_the_420x580_grid_gives_the_features_of_20_px_blocks() -> None:
+    """dedup.grid: auto resolves to [21, 29] at 420x580: exactly the former 20-px blocks."""
+    images = np.random.default_rng(3).integers(0, 256, (2, 420, 580), dtype=np.uint8)
+    np.testing.assert_array_equal(dedup.block_histograms(images, (21, 29), 9, progress=False),
+                                  naive_block_histograms(images, 20, 9))
+
+
+def test_a_grid_fits_any_size_with_blocks_a_pixel_apart() -> None:
+    ids = dedup.block_ids(101, 101, (5, 5))
+    sides = np.unique(np.bincount(ids.ravel()))
+    assert ids.max() == 24 and set(sides.tolist()) <= {20 * 20, 20 * 21, 21 * 21}
+    image = np.random.default_rng(4).integers(0, 256, (1, 101, 101), dtype=np.uint8)
+    features = dedup.block_histograms(image, (5, 5), 9, progress=False).reshape(25, 9)
+    np.testing.assert_array_equal(features.sum(axis=1), np.bincount(ids.ravel()))
+
+
+def test_images_of_mixed_sizes_each_get_their_own_grid() -> None:
+    rng = np.random.default_rng(5)
+    small, large = rng.integers(0, 256, (1, 40, 60), dtype=np.uint8), rng.integers(0, 256, (1, 80, 100), dtype=np.uint8)
+    canvas = np.zeros((2, 80, 100), np.uint8)
+    canvas[0, :40, :60], canvas[1] = small[0], large[0]
+    features = dedup.block_histograms(canvas, (4, 5), 9, sizes=np.array([[40, 60], [80, 100]]), progress=False)
+    np.testing.assert_array_equal(features[0], dedup.block_histograms(small, (4, 5), 9, progress=False)[0])
+    np.testing.assert_array_equal(features[1], dedup.block_histograms(large, (4, 5), 9, progress=False)[0])
 
 
 def pair_set(rows_a: np.ndarray, rows_b: np.ndarray) -> set[tuple[int, int]]:
@@ -108,9 +129,9 @@ def test_groups_are_connected_components() -> None:
     assert len(set(labels.tolist())) == 3
 
 
-def test_stage_finds_the_generator_twins(tiny_interim: Path, tiny_raw: Path, tmp_path: Path) -> None:
-    summary = dedup.run(Params(dedup=DedupParams(block_size=16, gallery_pairs=2)), interim=tiny_interim,
-                        out=tmp_path / "dedup", reports=tmp_path / "reports", progress=False)
+def test_stage_finds_the_generator_twins(tiny_interim: Path, tiny_plan: Path, tiny_raw: Path, tmp_path: Path) -> None:
+    summary = dedup.run(Params(dedup=DedupParams(grid=(6, 8), gallery_pairs=2)), interim=tiny_interim,
+                        plan=tiny_plan, out=tmp_path / "dedup", reports=tmp_path / "reports", progress=False)
     pairs = pd.read_csv(tmp_path / "dedup" / "pairs.csv", dtype={"id_a": str, "id_b": str})
     assert list(pairs.columns) == ["id_a", "id_b", "distance", "has_mask_a", "has_mask_b", "mask_dice",
                                    "contradictory"]
@@ -129,14 +150,14 @@ def test_stage_finds_the_generator_twins(tiny_interim: Path, tiny_raw: Path, tmp
     assert (tmp_path / "reports" / "gallery.png").stat().st_size > 0
 
 
-def test_stage_names_the_missing_input(tmp_path: Path) -> None:
+def test_stage_names_the_missing_input(tiny_plan: Path, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="manifest.csv: not found"):
-        dedup.run(Params(), interim=tmp_path, out=tmp_path / "out", reports=tmp_path / "reports")
+        dedup.run(Params(), interim=tmp_path, plan=tiny_plan, out=tmp_path / "out", reports=tmp_path / "reports")
 
 
 @pytest.mark.parametrize("section, key, message", [
     ({"threshold": -0.1}, "threshold", ">= 0.0"),
-    ({"block_size": 0}, "block_size", ">= 1"),
+    ({"grid": [0, 3]}, r"grid\[0\]", ">= 1"),
     ({"bins": 300}, "bins", "<= 256"),
     ({"scope": "patient"}, "scope", "not one of"),
     ({"min_pair_dice": 1.5}, "min_pair_dice", "<= 1.0"),

@@ -14,16 +14,18 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import artifacts, diagnostics, train, transforms
-from pipeline.diagnostics import (GradTracker, Monitor, bottleneck_features, capture, dead_fractions, filter_grid,
-                                  gradient_warnings, init_stds, one_class, pca_spectrum, plateau_epochs,
-                                  presence_attribution, relu_alive, weight_norms)
+from helpers import TINY_TRAIN as TINY
+from pipeline import artifacts, train, transforms
 from pipeline.artifacts import read_manifest
+from pipeline.diag_figures import CAPTIONS, filter_grid
+from pipeline.diag_measures import (TOP_CHANNELS, GradTracker, bottleneck_features, capture, dead_fractions,
+                                    dead_overall, init_stds, pca_spectrum, presence_attribution, relu_alive,
+                                    weight_norms)
+from pipeline.diag_rules import gradient_warnings, init_warnings, one_class, plateau_epochs
+from pipeline.diagnostics import Monitor
 from pipeline.model import build_model, preprocess, split_outputs
-from pipeline.params import AugmentParams, DiagnosticsParams, Params, TrainParams
+from pipeline.params import AugmentParams, DiagnosticsParams, Params
 
-TINY = TrainParams(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 4), height=64, width=64,
-                   epochs=2, batch_size=8, folds=3, train_folds=1, lr=3e-3)
 DIAG = DiagnosticsParams(subset=8)
 
 
@@ -81,7 +83,7 @@ def test_a_planted_dead_layer_is_reported_dead() -> None:
     with relu_alive(net) as alive, torch.no_grad():
         net(x)
     assert dead_fractions(alive) == {"1": 0.0, "3": 0.75}
-    assert diagnostics.dead_overall(alive) == pytest.approx(3 / 8)
+    assert dead_overall(alive) == pytest.approx(3 / 8)
 
 
 def test_dead_means_never_positive_over_all_batches_and_each_relu_call_is_its_own_site() -> None:
@@ -151,8 +153,8 @@ def test_init_std_per_layer_for_known_scalings() -> None:
     x = torch.randn(64, 4)
     stds = init_stds(net, x)
     assert stds == {"0": pytest.approx(2 * float(x.std()), rel=1e-5), "1": pytest.approx(6 * float(x.std()), rel=1e-5)}
-    assert diagnostics.init_warnings(stds, float(x.std())) == []
-    assert "exploding or collapsing" in diagnostics.init_warnings({"0": 1e4, "1": 1.0}, 1.0)[0]
+    assert init_warnings(stds, float(x.std())) == []
+    assert "exploding or collapsing" in init_warnings({"0": 1e4, "1": 1.0}, 1.0)[0]
 
 
 def test_filter_grid_places_and_scales_each_filter() -> None:
@@ -244,17 +246,19 @@ def test_gradient_warnings_use_the_thresholds() -> None:
 # ---------------------------------------------------------------- the train stage with diagnostics
 
 @pytest.fixture(scope="module")
-def inputs(tiny_interim: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def inputs(tiny_interim: Path, tiny_plan: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("diag_inputs")
     manifest = read_manifest(tiny_interim)
     manifest[manifest.split == "train"].to_csv(d / "manifest.csv", index=False)
     artifacts.save_augmentation(transforms.build(AugmentParams(), seed=1), d / "augment.json")
-    return {"interim": tiny_interim, "manifest": d / "manifest.csv", "augment": d / "augment.json"}
+    return {"interim": tiny_interim, "manifest": d / "manifest.csv", "augment": d / "augment.json",
+            "plan": tiny_plan}
 
 
 def _run(out: Path, inputs: dict[str, Path], d: DiagnosticsParams = DIAG) -> dict:
     return train.run(Params(seed=5, train=TINY, diagnostics=d), interim=inputs["interim"], manifest=inputs["manifest"],
-                     augment=inputs["augment"], models=out / "models", oof=out / "oof", reports=out / "reports")
+                     augment=inputs["augment"], plan=inputs["plan"], models=out / "models", oof=out / "oof",
+                     reports=out / "reports")
 
 
 @pytest.fixture(scope="module")
@@ -271,10 +275,11 @@ def test_train_writes_diagnostics_and_logs_them_per_epoch(trained: Path) -> None
     assert "encoder.conv1" in result["init_std"] and "encoder.conv1" in result["epochs"][0]["grad_norm"]
     assert not any(k.startswith("encoder.layer3") for k in result["epochs"][0]["grad_norm"])  # unused stage
     assert result["pca"]["components_90"] <= result["pca"]["components_99"] <= result["pca"]["channels"]
-    assert len(result["attribution"]) == diagnostics.TOP_CHANNELS
-    assert result["figures"] == [f"fold_0_{n}.png" for n in ("health", "filters", "features", "bottleneck")]
-    for name in result["figures"]:
-        assert (diag / name).read_bytes().startswith(b"\x89PNG")
+    assert len(result["attribution"]) == TOP_CHANNELS
+    names = ("health", "filters", "features", "bottleneck")
+    assert result["figures"] == [{"file": f"fold_0_{n}.png", "caption": CAPTIONS[n]} for n in names]
+    for figure in result["figures"]:
+        assert (diag / figure["file"]).read_bytes().startswith(b"\x89PNG")
     plots = trained / "reports" / "plots" / "metrics" / "fold_0"
     for name in ("lr", "train_grad_norm", "weight_norm", "val_dead_fraction", "val_presence_positive"):
         assert len((plots / f"{name}.tsv").read_text().splitlines()) == 1 + TINY.epochs, name
@@ -285,10 +290,14 @@ def test_train_writes_diagnostics_and_logs_them_per_epoch(trained: Path) -> None
 def test_diagnostics_do_not_change_the_trained_weights(inputs, trained, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(train.diagnostics, "Monitor", lambda *args: None)  # training without any diagnostics
     _run(tmp_path, inputs)
-    on = torch.load(trained / "models" / "fold_0" / "last.pt", weights_only=False)["model"]
-    off = torch.load(tmp_path / "models" / "fold_0" / "last.pt", weights_only=False)["model"]
-    for key, value in on.items():
-        assert torch.equal(value, off[key]), key
+    on, off = (torch.load(d / "models" / "fold_0" / "best.pt", weights_only=True) for d in (trained, tmp_path))
+    assert on["epoch"] == off["epoch"]
+    for key, value in on["model"].items():
+        assert torch.equal(value, off["model"][key]), key
+    losses = [[(row["train_loss"], row["val_loss"]) for row in json.loads((d / "models" / "fold_0" / "done.json")
+                                                                      .read_text())["history"]]
+              for d in (trained, tmp_path)]
+    assert losses[0] == losses[1]  # every epoch trained the same, the last one too
 
 
 def test_diagnostics_params_do_not_force_retraining(inputs, trained, tmp_path, capsys) -> None:
@@ -299,7 +308,7 @@ def test_diagnostics_params_do_not_force_retraining(inputs, trained, tmp_path, c
     err = capsys.readouterr().err
     assert f"resuming after epoch {TINY.epochs} of {TINY.epochs}" in err and "starting this fold over" not in err
     result = json.loads((tmp_path / "reports" / "diagnostics" / "fold_0.json").read_text())
-    assert result["figures"] == [] and len(result["epochs"]) == TINY.epochs  # history kept from last.pt
+    assert result["figures"] == [] and len(result["epochs"]) == TINY.epochs  # history kept from done.json
 
 
 def test_report_shows_the_warnings_and_figures(trained: Path, tmp_path: Path) -> None:
@@ -312,12 +321,15 @@ def test_report_shows_the_warnings_and_figures(trained: Path, tmp_path: Path) ->
     path = tmp_path / "train" / "diagnostics" / "fold_0.json"
     result = json.loads(path.read_text())
     result["warnings"] = [{"fold": 0, "epoch": 3, "kind": "plateau", "message": "val_loss has not improved"}]
+    result["figures"][0]["caption"] = "A caption read from fold_0.json."
     path.write_text(json.dumps(result))
     section = diagnostics_section(tmp_path / "train")
-    page = "".join(section.html)
+    page, md = "".join(section.html), "".join(section.md)
     assert "1 warning(s)" in page and "<td>val_loss has not improved</td>" in page
     assert page.count("<img") == 4 and "Bottleneck PCA" in page
-    assert "![fold_0_health.png](train/diagnostics/fold_0_health.png)" in "".join(section.md)
+    assert "![fold_0_health.png](train/diagnostics/fold_0_health.png)" in md
+    assert "A caption read from fold_0.json." in md and CAPTIONS["health"] not in md  # the JSON's, not a copy
+    assert all(CAPTIONS[n] in md for n in ("filters", "features", "bottleneck"))
 
 
 # ---------------------------------------------------------------- normalisation travels with the checkpoint
@@ -333,7 +345,8 @@ def test_validation_and_prediction_feed_the_network_the_same_numbers(tiny_interi
 FRESH = textwrap.dedent("""
     import sys
     import numpy as np, torch
-    from pipeline.model import load_checkpoint, preprocess, split_outputs
+    from pipeline.checkpoints import load_checkpoint
+    from pipeline.model import preprocess, split_outputs
     model, state = load_checkpoint("model.pt")
     model.eval()
     images = np.load("images.npy")

@@ -6,6 +6,7 @@ same probabilities a single process computes from the saved best checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,19 +17,20 @@ import numpy as np
 import torch
 import yaml
 
+from helpers import TINY_TRAIN
 from pipeline import artifacts, train, transforms
 from pipeline.artifacts import open_arrays, read_manifest
-from pipeline.model import load_checkpoint
-from pipeline.params import AugmentParams, TrainParams, to_dict
+from pipeline.checkpoints import load_checkpoint
+from pipeline.params import AugmentParams, to_dict
+from pipeline.runtime import Runtime
 
 SEED = 11
 # 3 subjects -> 3 folds of one subject each; one frame per subject is left out so every fold holds
 # an odd number of images, which 2 ranks cannot split evenly: padding duplicates would show.
-TINY = TrainParams(encoder_depth=3, decoder_channels=(16, 8, 4), height=32, width=48, epochs=2, batch_size=4,
-                   folds=3, train_folds=1, threads=1)
+TINY = dataclasses.replace(TINY_TRAIN, height=32, width=48, batch_size=4, threads=1)
 
 
-def test_two_cpu_ranks_match_a_single_process_evaluation(tiny_interim: Path, tmp_path: Path) -> None:
+def test_two_cpu_ranks_match_a_single_process_evaluation(tiny_interim: Path, tiny_plan: Path, tmp_path: Path) -> None:
     manifest = read_manifest(tiny_interim)
     train_rows = manifest[manifest.split == "train"]
     train_rows = train_rows[train_rows.groupby("subject").cumcount() > 0]
@@ -39,13 +41,14 @@ def test_two_cpu_ranks_match_a_single_process_evaluation(tiny_interim: Path, tmp
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "pipeline", "train", "--interim", str(tiny_interim), "--manifest", str(tmp_path / "manifest.csv"),
-           "--augment", str(tmp_path / "augment.json"), "--models", str(tmp_path / "models"),
+           "--augment", str(tmp_path / "augment.json"), "--plan", str(tiny_plan), "--models", str(tmp_path / "models"),
            "--oof", str(tmp_path / "oof"), "--reports", str(tmp_path / "reports"),
            "--params", str(tmp_path / "params.yaml")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["world_size"] == 2
+    assert sorted(p.name for p in (tmp_path / "models" / "fold_0").iterdir()) == ["best.pt", "done.json"]
 
     oof = np.load(tmp_path / "oof" / "oof.npz")
     images, masks = open_arrays(tiny_interim, "train")
@@ -60,6 +63,6 @@ def test_two_cpu_ranks_match_a_single_process_evaluation(tiny_interim: Path, tmp
     fold = train.Fold(0, x[folds != 0], y[folds != 0], x[val], y[val], state["norm"], "")
     torch.set_num_threads(1)
     probs, presence, _ = train.predict(model, fold.x_val, fold.y_val, fold, TINY,
-                                       train.Runtime(torch.device("cpu"), amp=False))
+                                       Runtime(torch.device("cpu"), amp=False))
     np.testing.assert_allclose(oof["mask_prob"].astype(np.float32), probs.astype(np.float32), atol=2e-3)
     np.testing.assert_allclose(oof["presence_prob"], presence, atol=1e-4)

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import make_plan
 from pipeline import artifacts, load, rle, synth
 from pipeline.io import InputError
 from pipeline.params import DataParams, Params, SynthParams
@@ -23,7 +24,8 @@ def datasets(tmp_path_factory):
 
 
 def _load(raw, data, tmp_path):
-    summary = load.run(Params(data=data), raw=raw, out=tmp_path / "interim", metrics=tmp_path / "m.json")
+    summary = load.run(Params(data=data), raw=raw, out=tmp_path / "interim", metrics=tmp_path / "m.json",
+                       fingerprint=tmp_path / "fingerprint.json")
     images, masks = artifacts.open_arrays(tmp_path / "interim", "train")
     return summary, artifacts.read_manifest(tmp_path / "interim"), images, masks
 
@@ -118,7 +120,8 @@ def test_csv_layout_end_to_end_with_its_own_conventions(tmp_path):
     decoded with that convention it gives the same masks as the ultrasound convention does.
     """
     from pipeline import augment, clean, dedup, predict, train, tune
-    from pipeline.model import input_channels, load_checkpoint
+    from pipeline.checkpoints import load_checkpoint
+    from pipeline.model import input_channels
     from pipeline.params import AugmentParams, CleanParams, DedupParams, PredictParams, TrainParams, TuneParams
 
     raw = tmp_path / "raw"
@@ -135,23 +138,26 @@ def test_csv_layout_end_to_end_with_its_own_conventions(tmp_path):
                       submission_columns=("id", "rle_mask"))
 
     interim = tmp_path / "interim"
-    assert load.run(Params(data=data), raw=raw, out=interim, metrics=tmp_path / "load.json")["channels"] == 3
-    dedup.run(Params(dedup=DedupParams(block_size=4, scope="global")), interim=interim, out=tmp_path / "dedup",
-              reports=tmp_path / "dedup_reports")
+    assert load.run(Params(data=data), raw=raw, out=interim, metrics=tmp_path / "load.json",
+                    fingerprint=tmp_path / "fingerprint.json")["channels"] == 3
+    plan = make_plan(tmp_path / "fingerprint.json", tmp_path / "plan.json")
+    dedup.run(Params(dedup=DedupParams(grid=(16, 20), scope="global")), interim=interim, plan=plan,
+              out=tmp_path / "dedup", reports=tmp_path / "dedup_reports")
     clean.run(Params(clean=CleanParams()), interim=interim, dedup=tmp_path / "dedup", raw=raw,
               out=tmp_path / "processed", metrics=tmp_path / "clean.json")
     t = TrainParams(encoder_depth=3, decoder_channels=(16, 8, 4), height=32, width=48, epochs=1, batch_size=4,
                     folds=3, train_folds=1)
-    augment.run(Params(seed=1, augment=AugmentParams(preview_samples=2), train=t), interim=interim,
+    augment.run(Params(seed=1, augment=AugmentParams(preview_samples=2), train=t), interim=interim, plan=plan,
                 out=tmp_path / "aug.json", preview=tmp_path / "preview.png")
     train.run(Params(seed=1, train=t), interim=interim, manifest=tmp_path / "processed" / "manifest.csv",
-              augment=tmp_path / "aug.json", models=tmp_path / "models", oof=tmp_path / "oof",
+              augment=tmp_path / "aug.json", plan=plan, models=tmp_path / "models", oof=tmp_path / "oof",
               reports=tmp_path / "train_reports")
     model, _ = load_checkpoint(tmp_path / "models" / "fold_0" / "best.pt", map_location="cpu")
     assert input_channels(model) == 3
     median = float(np.median(np.load(tmp_path / "oof" / "oof.npz")["mask_prob"]))  # partial masks, not all or none
     tune.run(Params(tune=TuneParams(pixel_thresholds=(round(median, 6),), presence_thresholds=(0.0,), min_areas=(0,))),
-             oof=tmp_path / "oof", interim=interim, out=tmp_path / "thresholds.json", reports=tmp_path / "tune_reports")
+             oof=tmp_path / "oof", interim=interim, plan=plan, out=tmp_path / "thresholds.json",
+             reports=tmp_path / "tune_reports")
 
     def submit(name: str, d: DataParams) -> pd.DataFrame:
         predict.run(Params(predict=PredictParams(tta_flip=False), data=d), interim=interim, models=tmp_path / "models",
@@ -213,3 +219,108 @@ def test_test_ids_a_submission_cannot_hold_are_refused_at_load(datasets, tmp_pat
     assert f"{raw / 'test' / 'images' / name}: id {name[:-4]!r} {fragment}" in str(info.value)
 
 
+
+
+# ---------------------------------------------------------------- training pairs at the root, test truth
+
+def _usgra_like(root, mask_kind="palette", sizes=((24, 32),) * 4):
+    """Like a published split: images/ + masks/ at the root (no train/), test/images/ + test/masks/; palette
+    masks hold class indices (0 background, 1 object, 2 decoy), binary masks 0/255."""
+    rng = np.random.default_rng(0)
+
+    def pair(folder, name, shape, k):
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "masks").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / "images" / name)
+        labels = np.zeros(shape, np.uint8)
+        labels[2:6, 2 + k:8 + k], labels[10:14, 20:26] = 1, 2
+        if mask_kind == "palette":
+            img = Image.fromarray(labels, "P")
+            img.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255])
+            img.save(folder / "masks" / name)
+        else:
+            Image.fromarray((labels == 1).astype(np.uint8) * 255).save(folder / "masks" / name)
+
+    for k, shape in enumerate(sizes):
+        pair(root, f"{k:04d}.png", shape, k)
+    for k in (7, 9):
+        pair(root / "test", f"{k:04d}.png", sizes[0], 0)
+    return root
+
+
+def test_folders_layout_reads_pairs_at_the_root_and_ignores_test_masks(tmp_path):
+    from pipeline import layouts
+
+    raw = _usgra_like(tmp_path / "raw")
+    listing = layouts.scan(raw, DataParams(layout="folders"))
+    assert listing.train.id.tolist() == ["0000", "0001", "0002", "0003"]
+    assert listing.train.path.tolist() == [str(raw / "images" / f"000{k}.png") for k in range(4)]
+    assert listing.train.mask_path.tolist() == [str(raw / "masks" / f"000{k}.png") for k in range(4)]
+    assert listing.test.id.tolist() == ["0007", "0009"]
+    assert listing.test.path.tolist() == [str(raw / "test" / "images" / n) for n in ("0007.png", "0009.png")]
+    assert listing.train.subject.nunique() == 4 and layouts.group_kind(DataParams(layout="folders")) == "image"
+    assert layouts.group_kind(DataParams()) == "subject"
+    assert layouts.group_kind(DataParams(layout="csv", group_column="patient")) == "subject"
+
+
+def test_a_train_folder_wins_over_root_images(tmp_path):
+    """The one rule: train/images + train/masks when train/ exists; images/ + masks/ at the root otherwise."""
+    from pipeline import layouts
+
+    raw = _usgra_like(tmp_path / "raw")
+    (raw / "train").mkdir()
+    assert layouts.train_dir(raw) == raw / "train"
+    with pytest.raises(InputError, match=r"train/images: folder not found"):
+        layouts.scan(raw, DataParams(layout="folders"))
+    (raw / "train").rmdir()
+    assert layouts.train_dir(raw) == raw
+    shutil.rmtree(raw / "images")
+    shutil.rmtree(raw / "masks")
+    with pytest.raises(InputError, match=r"train/images: folder not found \(nor images/ at the dataset root\)"):
+        layouts.scan(raw, DataParams(layout="folders"))
+
+
+def test_root_pairs_errors_name_the_root_folders(tmp_path):
+    from pipeline import layouts
+
+    raw = _usgra_like(tmp_path / "raw", mask_kind="binary")
+    (raw / "masks" / "0001.png").rename(raw / "masks" / "0099.png")
+    with pytest.raises(InputError) as info:
+        layouts.scan(raw, DataParams(layout="folders"))
+    assert f"{raw / 'images' / '0001.png'}: image has no mask in masks/" in str(info.value)
+    assert f"{raw / 'masks' / '0099.png'}: mask has no image in images/" in str(info.value)
+
+
+def test_root_pairs_load_end_to_end(tmp_path):
+    raw = _usgra_like(tmp_path / "raw", mask_kind="binary")
+    summary, manifest, images, masks = _load(raw, DataParams(layout="folders"), tmp_path)
+    assert summary["train_images"] == 4 and summary["test_images"] == 2
+    assert masks.sum(axis=(1, 2)).tolist() == [24] * 4
+    assert (manifest.mask_path[manifest.split == "train"] == [str(raw / "masks" / f"000{k}.png")
+                                                               for k in range(4)]).all()
+
+
+def test_test_mask_paths(tmp_path, datasets):
+    from pipeline import layouts
+    from pipeline.io import read_mask
+
+    raw = _usgra_like(tmp_path / "raw")
+    data = DataParams(layout="folders", foreground=(1,))
+    found = layouts.test_mask_paths(raw, data)
+    assert found == {"0007": raw / "test" / "masks" / "0007.png", "0009": raw / "test" / "masks" / "0009.png"}
+    assert read_mask(found["0007"], data.foreground).sum() == 24
+    # None: another layout, or no test/masks/ folder
+    assert layouts.test_mask_paths(raw, DataParams(layout="csv")) is None
+    assert layouts.test_mask_paths(datasets / "folders", DataParams(layout="folders")) is None
+    assert layouts.test_mask_paths(datasets / "ultrasound", DataParams()) is None
+    # the folder exists: test images and masks must pair up
+    (raw / "test" / "masks" / "0009.png").rename(raw / "test" / "masks" / "0010.png")
+    (raw / "test" / "masks" / "notes.txt").write_text("x")
+    (raw / "test" / "masks" / ".DS_Store").write_text("x")
+    with pytest.raises(InputError) as info:
+        layouts.test_mask_paths(raw, data)
+    message = str(info.value)
+    assert message.startswith("3 problem(s)")
+    assert f"{raw / 'test' / 'images' / '0009.png'}: test image has no mask in test/masks/" in message
+    assert f"{raw / 'test' / 'masks' / '0010.png'}: mask has no image in test/images/" in message
+    assert f"{raw / 'test' / 'masks' / 'notes.txt'}: not an image file" in message

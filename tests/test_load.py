@@ -16,7 +16,8 @@ def raw(tiny_raw, tmp_path):
 
 
 def _run(raw, tmp_path):
-    return load.run(Params(), raw=raw, out=tmp_path / "interim", metrics=tmp_path / "metrics.json")
+    return load.run(Params(), raw=raw, out=tmp_path / "interim", metrics=tmp_path / "metrics.json",
+                    fingerprint=tmp_path / "fingerprint.json")
 
 
 def test_loads_arrays_manifest_and_metrics(tiny_interim, tiny_raw):
@@ -73,7 +74,25 @@ def test_image_without_mask_and_mask_without_image(raw, tmp_path):
 
 def test_shape_mismatch(raw, tmp_path):
     Image.fromarray(np.zeros((50, 60), np.uint8)).save(raw / "train" / "2_2.tif")
-    _expect_error(raw, tmp_path, "2_2.tif", "50x60")
+    _expect_error(raw, tmp_path, "2_2_mask.tif", "differs from its image's 50x60")
+
+
+def test_images_of_mixed_sizes_keep_their_native_size(raw, tmp_path):
+    """Each image in the top-left corner of one padded array; its own size in the manifest."""
+    Image.fromarray(np.full((50, 60), 77, np.uint8)).save(raw / "train" / "2_2.tif")
+    Image.fromarray(np.full((50, 60), 255, np.uint8)).save(raw / "train" / "2_2_mask.tif")
+    Image.fromarray(np.full((120, 100), 9, np.uint8)).save(raw / "test" / "3.tif")
+    summary = _run(raw, tmp_path)
+    assert summary["image_sizes"] == 3 and (summary["height"], summary["width"]) == (96, 128)
+    manifest = artifacts.read_manifest(tmp_path / "interim")
+    row = manifest.set_index("id").loc["2_2"]
+    assert (row.height, row.width, row.mask_area) == (50, 60, 3000)
+    images, masks = artifacts.open_arrays(tmp_path / "interim", "train")
+    assert images.shape[1:] == (96, 128) and (images[row.row, :50, :60] == 77).all()
+    assert masks[row.row].sum() == 3000 and masks[row.row, 50:, :].sum() == 0
+    test_images, _ = artifacts.open_arrays(tmp_path / "interim", "test")
+    assert test_images.shape[1:] == (120, 128)
+    assert (manifest.set_index("id").loc["3", ["height", "width"]].tolist()) == [120, 100]
 
 
 def test_16_bit_image_refused(raw, tmp_path):
@@ -118,7 +137,8 @@ def test_missing_folders(tmp_path):
     (tmp_path / "raw").mkdir()
     _expect_error(tmp_path / "raw", tmp_path, "train", "folder not found")
     with pytest.raises(InputError, match="data folder not found"):
-        load.run(Params(), raw=tmp_path / "absent", out=tmp_path / "o", metrics=tmp_path / "m.json")
+        load.run(Params(), raw=tmp_path / "absent", out=tmp_path / "o", metrics=tmp_path / "m.json",
+                 fingerprint=tmp_path / "f.json")
 
 
 def test_zero_one_masks_accepted(raw, tmp_path):
@@ -199,18 +219,18 @@ def test_unreadable_test_folder_is_one_error_naming_it(raw, tmp_path, monkeypatc
 
 
 def test_every_problem_is_listed_at_once(raw, tmp_path):
-    """A truncated image, a mask of value 7 and an image of the wrong size: all three, in one error."""
+    """A truncated image, a mask of value 7 and an image whose mask has another size: all three, in one error
+    (images of different sizes are fine; an image and its mask must agree)."""
     image = raw / "train" / "1_3.tif"
     image.write_bytes(image.read_bytes()[:300])
     Image.fromarray(np.full((96, 128), 7, np.uint8)).save(raw / "train" / "2_4_mask.tif")
     Image.fromarray(np.zeros((50, 60), np.uint8)).save(raw / "train" / "2_2.tif")
     _expect_error(raw, tmp_path, "3 problem(s)", "1_3.tif: unreadable or truncated", "2_4_mask.tif: mask values [7]",
-                  "2_2.tif: size 50x60 differs")
+                  "2_2_mask.tif: mask size 96x128 differs from its image's 50x60")
 
 
 @pytest.mark.parametrize("mode, fragment", [
-    ("P", "palette (P) mask with values [0, 1, 2]; palette/class-index masks are not supported yet"
-          " \u2014 expected a single-channel binary mask"),
+    ("P", "palette (P) mask with values [0, 1, 2]; set data.foreground to the label values of the object (e.g. [1])"),
     ("LA", "LA (grayscale+alpha) mask; expected a single-channel binary mask"),
 ])
 def test_palette_and_la_masks_say_what_they_are(raw, tmp_path, mode, fragment):

@@ -48,7 +48,9 @@ def test_repo_params_yaml_values():
     assert p.train.decoder_channels == (128, 64, 32, 16, 8) and isinstance(p.train.decoder_channels, tuple)
     assert p.data.submission_columns == ("img", "pixels") and isinstance(p.data.submission_columns, tuple)
     assert p.data.rle_start == 1 and type(p.data.rle_start) is int
-    assert p.tune.min_areas[-1] == 3000 and isinstance(p.tune.pixel_thresholds, tuple)
+    assert p.tune.min_areas == "auto" and p.tune.min_area_fractions[-1] == 0.012
+    assert isinstance(p.tune.pixel_thresholds, tuple)
+    assert (p.train.height, p.train.width, p.dedup.grid, p.dedup.scope) == ("auto", "auto", "auto", "auto")
 
 
 def test_defaults_round_trip_through_yaml():
@@ -106,7 +108,8 @@ def test_bad_values_name_the_key(raw, key):
     ({"data": {"rle_start": 1.0}}, "data.rle_start: 1.0 is not one of 0 or 1"),
     ({"data": {"rle_start": True}}, "data.rle_start: True is not one of 0 or 1"),
     ({"clean": {"policy": "drop_all"}}, "clean.policy: 'drop_all' is not one of 'none', 'drop_empty' or 'drop_both'"),
-    ({"tune": {"min_areas": [10.5]}}, "tune.min_areas[0]: expected an integer >= 0, got 10.5"),
+    ({"tune": {"min_areas": [10.5]}}, "tune.min_areas[0]: expected an integer, got 10.5 (or auto)"),
+    ({"train": {"height": 20}}, "train.height: 20 is out of range (must be >= 32) (or auto)"),
     ({"synth": {"subjcts": 3}}, "unknown key in 'synth': synth.subjcts (known: subjects, frames_per_subject, "
                                 "test_images, height, width, empty_fraction, label_noise, layout)"),
     ([1], "params: expected a mapping, got [1]"),
@@ -169,3 +172,26 @@ def test_missing_and_malformed_file(tmp_path):
     typo.write_text("synth:\n  subjcts: 3\n")
     with pytest.raises(ParamsError, match=r"typo\.yaml.*synth\.subjcts"):
         load_params(typo)
+
+
+def test_foreground_labels_and_object_name():
+    """data.foreground: null (binary masks) or a non-empty list of label values 0..65535; object_name: words."""
+    defaults = Params().data
+    assert defaults.foreground is None and defaults.object_name == "nerve"
+    data = parse_params({"data": {"foreground": [1, 2], "object_name": "salt"}}).data
+    assert data.foreground == (1, 2) and isinstance(data.foreground, tuple) and data.object_name == "salt"
+    assert parse_params({"data": {"foreground": [65535]}}).data.foreground == (65535,)
+    assert parse_params({"data": {"foreground": None}}).data.foreground is None
+    for raw, message in [
+        ([], "data.foreground: expected a non-empty list, got []"),
+        (1, "data.foreground: expected a non-empty list, got 1"),
+        ([70000], "data.foreground[0]: 70000 is out of range (must be <= 65535)"),
+        ([-1], "data.foreground[0]: -1 is out of range (must be >= 0)"),
+        ([1.0], "data.foreground[0]: expected an integer"),
+        ([True], "data.foreground[0]: expected an integer"),
+    ]:
+        with pytest.raises(ParamsError) as info:
+            parse_params({"data": {"foreground": raw}})
+        assert str(info.value).startswith(message), str(info.value)
+    with pytest.raises(ParamsError, match="data.object_name: expected a non-empty string"):
+        parse_params({"data": {"object_name": ""}})

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import shutil
 
@@ -7,17 +8,19 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from helpers import TINY_MODEL
 from pipeline import predict, rle
 from pipeline.cli import app
 from pipeline.io import InputError
 from pipeline.artifacts import open_arrays
 from pipeline.metrics import dice_per_image
-from pipeline.model import CheckpointError, build_model, save_checkpoint
+from pipeline.checkpoints import CheckpointError, save_checkpoint
+from pipeline.model import build_model
 from pipeline.params import Params, PredictParams, TrainParams
 from pipeline.artifacts import Thresholds
 from pipeline.rle import SubmissionError
 
-TINY = TrainParams(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 8), height=64, width=64)
+TINY = dataclasses.replace(TINY_MODEL, decoder_channels=(32, 16, 8))
 SHAPE = (96, 128)  # the tiny dataset's native size
 
 

@@ -38,23 +38,24 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 from typer.testing import CliRunner
 
+from helpers import NORM, TINY_TRAIN
 from pipeline import artifacts, dedup, train, transforms, tune
 from pipeline.atomic import LEDGER
 from pipeline.cli import app
 from pipeline.artifacts import read_manifest
 from pipeline.metrics import dice_from_counts, dice_per_image, mean_dice
-from pipeline.model import build_model, save_checkpoint
+from pipeline.checkpoints import save_checkpoint
+from pipeline.model import build_model
 from pipeline.params import AugmentParams, DedupParams, Params, TrainParams, TuneParams
 from pipeline.artifacts import Thresholds
 from pipeline.postprocess import apply, binarize
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = TrainParams(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 4), height=64, width=64,
-                   epochs=2, batch_size=8, folds=3, train_folds=1, lr=3e-3, threads=2)
+TINY = dataclasses.replace(TINY_TRAIN, threads=2)  # as PARAMS_YAML's train:
 PARAMS_YAML = """\
 seed: 5
 dedup:
-  block_size: 16
+  grid: [6, 8]
 train:
   encoder: resnet18
   encoder_depth: 3
@@ -73,8 +74,6 @@ predict:
 """
 if "diagnostics" in {f.name for f in dataclasses.fields(Params)}:
     PARAMS_YAML += "diagnostics:\n  enabled: false\n"  # its end-of-training figures cost seconds here
-NORM = {"mean": 0.4, "std": 0.2}
-
 
 def cli(*args: object):
     return CliRunner().invoke(app, [str(a) for a in args])
@@ -88,7 +87,8 @@ def temps_under(root: Path) -> list[Path]:
 # ---------------------------------------------------------------- the good inputs of every stage
 
 @pytest.fixture(scope="module")
-def good(tiny_raw: Path, tiny_interim: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def good(tiny_raw: Path, tiny_interim: Path, tiny_plan: Path, tmp_path_factory: pytest.TempPathFactory
+         ) -> dict[str, Path]:
     """Valid inputs for every stage on the tiny dataset (96x128, 30 train and 6 test images)."""
     d = tmp_path_factory.mktemp("reliability_inputs")
     (d / "params.yaml").write_text(PARAMS_YAML)
@@ -100,7 +100,7 @@ def good(tiny_raw: Path, tiny_interim: Path, tmp_path_factory: pytest.TempPathFa
     torch.manual_seed(0)
     save_checkpoint(d / "models" / "fold_0" / "best.pt", build_model(TINY), TINY, NORM)
     (d / "thresholds.json").write_text(json.dumps(Thresholds().to_dict()))
-    dedup.run(Params(dedup=DedupParams(block_size=16)), interim=tiny_interim, out=d / "dedup",
+    dedup.run(Params(dedup=DedupParams(grid=(6, 8))), interim=tiny_interim, plan=tiny_plan, out=d / "dedup",
               reports=d / "dedup_reports", progress=False)
     masks = np.load(tiny_interim / "train_masks.npy")[train_rows.row.to_numpy()]
     low = torch.nn.functional.avg_pool2d(torch.from_numpy(masks.astype(np.float32))[:, None], 2)[:, 0].numpy()
@@ -109,7 +109,8 @@ def good(tiny_raw: Path, tiny_interim: Path, tmp_path_factory: pytest.TempPathFa
              presence_prob=np.where(train_rows.has_mask, 0.9, 0.1).astype(np.float32))
     return {"raw": tiny_raw, "interim": tiny_interim, "params": d / "params.yaml", "dedup": d / "dedup",
             "manifest": d / "processed" / "manifest.csv", "augment": d / "augment.json", "models": d / "models",
-            "thresholds": d / "thresholds.json", "oof": d / "oof"}
+            "thresholds": d / "thresholds.json", "oof": d / "oof", "plan": tiny_plan,
+            "fingerprint": tiny_interim.parent / "fingerprint.json"}
 
 
 def stage_args(stage: str, p: dict[str, Path], out: Path) -> tuple[list[object], list[Path]]:
@@ -119,25 +120,32 @@ def stage_args(stage: str, p: dict[str, Path], out: Path) -> tuple[list[object],
         outs = [out / "raw"]
         return ["synth", "--out", outs[0], *params], outs
     if stage == "load":
-        outs = [out / "interim", out / "load.json"]
-        return ["load", "--raw", p["raw"], "--out", outs[0], "--metrics", outs[1], *params], outs
+        outs = [out / "interim", out / "load.json", out / "fingerprint.json"]
+        return ["load", "--raw", p["raw"], "--out", outs[0], "--metrics", outs[1], "--fingerprint", outs[2],
+                *params], outs
+    if stage == "plan":
+        outs = [out / "plan.json"]
+        return ["plan", "--fingerprint", p["fingerprint"], "--out", outs[0], *params], outs
     if stage == "dedup":
         outs = [out / "dedup", out / "dedup_reports"]
-        return ["dedup", "--interim", p["interim"], "--out", outs[0], "--reports", outs[1], *params], outs
+        return ["dedup", "--interim", p["interim"], "--plan", p["plan"], "--out", outs[0], "--reports", outs[1],
+                *params], outs
     if stage == "clean":
         outs = [out / "processed", out / "clean.json"]
         return ["clean", "--interim", p["interim"], "--dedup", p["dedup"], "--raw", p["raw"], "--out", outs[0],
                 "--metrics", outs[1], *params], outs
     if stage == "augment":
         outs = [out / "augment.json", out / "preview.png"]
-        return ["augment", "--interim", p["interim"], "--out", outs[0], "--preview", outs[1], *params], outs
+        return ["augment", "--interim", p["interim"], "--plan", p["plan"], "--out", outs[0], "--preview", outs[1],
+                *params], outs
     if stage == "train":
         outs = [out / "models", out / "oof", out / "train_reports"]
         return ["train", "--interim", p["interim"], "--manifest", p["manifest"], "--augment", p["augment"],
-                "--models", outs[0], "--oof", outs[1], "--reports", outs[2], *params], outs
+                "--plan", p["plan"], "--models", outs[0], "--oof", outs[1], "--reports", outs[2], *params], outs
     if stage == "tune":
         outs = [out / "thresholds.json", out / "tune_reports"]
-        return ["tune", "--oof", p["oof"], "--interim", p["interim"], "--out", outs[0], "--reports", outs[1],
+        return ["tune", "--oof", p["oof"], "--interim", p["interim"], "--plan", p["plan"], "--out", outs[0],
+                "--reports", outs[1],
                 *params], outs
     if stage == "predict":
         outs = [out / "submission" / "submission.csv", out / "predict.json"]
@@ -526,8 +534,9 @@ def _remove_output(path: Path) -> None:
 
 def test_killed_training_resumes_from_last_checkpoint(good, tmp_path, monkeypatch) -> None:
     """SIGKILL at a random atomic rename after epoch 1's last.pt (mid-checkpoint, before the OOF file):
-    the checkpoints on disk stay loadable, the re-run resumes from last.pt (its log says so and it
-    trains only the missing epochs) and ends with the same weights and OOF as an uninterrupted run."""
+    the checkpoints on disk stay loadable, the re-run resumes from last.pt, or from done.json once the
+    fold is finished (its log says so and it trains only the missing epochs), and ends with the same
+    weights and OOF as an uninterrupted run."""
     with recorded_renames(monkeypatch) as renames:
         ref_args, (ref_models, ref_oof, _) = stage_args("train", good, tmp_path / "ref")
         result = cli(*ref_args)
@@ -541,10 +550,12 @@ def test_killed_training_resumes_from_last_checkpoint(good, tmp_path, monkeypatc
     pid, code, _ = kill_at_rename(args, k, signal.SIGKILL, tmp_path / "hook")
     assert code == -signal.SIGKILL, context
     fold = models / "fold_0"
-    last = torch.load(fold / "last.pt", weights_only=False)  # whole: atomic, even mid-write
-    torch.load(fold / "best.pt", weights_only=False)
-    done = last["epoch"]
-    assert done == renames[:k - 1].count("last.pt") >= 1, context
+    torch.load(fold / "best.pt", weights_only=False)  # whole: atomic, even mid-write
+    if (fold / "done.json").exists():  # the fold was finished: its marker replaced last.pt
+        done = json.loads((fold / "done.json").read_text())["epoch"]
+    else:
+        done = torch.load(fold / "last.pt", weights_only=False)["epoch"]
+    assert done == renames[:k - 1].count("last.pt") + renames[:k - 1].count("done.json") >= 1, context
     assert not (oof / "oof.npz").exists(), context
     _assert_only_killed_temps(tmp_path, pid, signal.SIGKILL, context)
 
@@ -554,8 +565,8 @@ def test_killed_training_resumes_from_last_checkpoint(good, tmp_path, monkeypatc
     trained = re.findall(r"fold 0 epoch (\d+)/2: train loss", result.output)  # one per epoch trained
     assert trained == [str(e) for e in range(done + 1, TINY.epochs + 1)], (context, trained)
     assert temps_under(tmp_path) == [], context
-    whole = torch.load(ref_models / "fold_0" / "last.pt", weights_only=False)["model"]
-    resumed = torch.load(fold / "last.pt", weights_only=False)["model"]
+    whole = torch.load(ref_models / "fold_0" / "best.pt", weights_only=False)["model"]
+    resumed = torch.load(fold / "best.pt", weights_only=False)["model"]
     assert whole.keys() == resumed.keys()
     for key, value in whole.items():
         assert torch.equal(value, resumed[key]), f"{context}: {key}"
@@ -577,7 +588,8 @@ def block_images(draw):
 @given(block_images(), st.integers(2, 16), st.randoms(use_true_random=False))
 def test_block_histograms_count_every_pixel_of_its_block_once(images_block, bins, rnd) -> None:
     images, block = images_block
-    features = dedup.block_histograms(images, block, bins, progress=False)
+    grid = (images.shape[1] // block, images.shape[2] // block)
+    features = dedup.block_histograms(images, grid, bins, progress=False)
     n, h, w = images.shape[:3]
     channels = images.shape[3] if images.ndim == 4 else 1
     per_block = features.reshape(n, (h // block) * (w // block), bins)
@@ -590,7 +602,7 @@ def test_block_histograms_count_every_pixel_of_its_block_once(images_block, bins
     for row in flat:
         rnd.shuffle(row)  # numpy row views: shuffled in place
     shuffled[:, y * block:(y + 1) * block, x * block:(x + 1) * block] = flat.reshape(region.shape)
-    assert np.array_equal(dedup.block_histograms(shuffled, block, bins, progress=False), features)
+    assert np.array_equal(dedup.block_histograms(shuffled, grid, bins, progress=False), features)
 
 
 @settings(max_examples=60, deadline=None)

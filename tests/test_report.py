@@ -74,7 +74,7 @@ def _scores(d: Path, interim: Path) -> None:
 
     ids, mask_prob, presence = artifacts.read_oof(d / "oof")
     _, masks = open_arrays(interim, "train")
-    scores = tune.oof_scores(ids, mask_prob, presence, masks, tune.train_rows(interim, ids),
+    scores = tune.oof_scores(ids, mask_prob, presence, masks, tune.train_rows(interim, ids)[0],
                              read_thresholds(d / "thresholds.json"))
     write_csv(d / "reports" / "tune" / "oof_scores.csv", scores)
 
@@ -253,7 +253,7 @@ def test_report_on_tiny_images_skips_the_outlines_it_cannot_draw(tmp_path, shape
             write_tiff(raw / "train" / f"{s}_{i}_mask.tif", mask)
     write_tiff(raw / "test" / "1.tif", np.zeros(shape, np.uint8))
     interim = tmp_path / "interim"
-    load.run(Params(), raw=raw, out=interim, metrics=tmp_path / "load.json")
+    load.run(Params(), raw=raw, out=interim, metrics=tmp_path / "load.json", fingerprint=tmp_path / "fingerprint.json")
     train = read_manifest(interim).query("split == 'train'")
     _, masks = open_arrays(interim, "train")
     prob = np.asarray(masks[train.row.to_numpy()], np.float32)
@@ -270,3 +270,38 @@ def test_report_on_tiny_images_skips_the_outlines_it_cannot_draw(tmp_path, shape
                   "first (1)", "Missed nerves: largest first (1)", "presence >= 0.5"):
         assert title in summary, title
     assert page.count("data:image/png;base64,") == 4  # the confusion matrix and three gallery rows
+
+
+def test_words_follow_the_data_object_name_and_groups(run_dir, tiny_interim):
+    """data.object_name names what the masks outline; "groups" replaces "subjects" when each image is one."""
+    from pipeline.params import DataParams
+
+    d = run_dir
+    (d / "reports" / "load" / "metrics.json").write_text(json.dumps(
+        {"train_images": 30, "subjects": 30, "group_kind": "image", "empty_fraction": 0.5333}))
+    report.run(Params(data=DataParams(object_name="salt"), report=ReportParams(gallery_images=4)),
+               reports=d / "reports", interim=tiny_interim, oof=d / "oof", thresholds=d / "thresholds.json",
+               html=d / "reports" / "index.html", summary=d / "reports" / "summary.md")
+    page, summary = (d / "reports" / "index.html").read_text(), (d / "reports" / "summary.md").read_text()
+    tp, fn, fp, tn = _confusion(d, tiny_interim)
+    assert "<title>salt segmentation report</title>" in page
+    for text in (page, summary):
+        assert "Salt segmentation: run report" in text
+        for words in ("Salts found: from best to worst Dice", "Missed salts: largest first",
+                      "false positives on empty images", "groups (one image each)"):
+            assert words in text, words
+        assert f"{tp} salts found" in text and f"{fn} salts missed" in text and "true salt;" in text
+        assert "nerve" not in text.lower().replace("nerveseg", ""), "no nerve words left on a salt report"
+        assert "| subjects |" not in text
+    assert f"| truth: salt | {tp} | {fn} |" in summary and "| predicted: salt | predicted: empty |" in summary
+    assert "| groups (one image each) | 30 |" in summary
+
+
+def test_default_words_are_the_nerve_ones(run_dir, tiny_interim):
+    (run_dir / "reports" / "load" / "metrics.json").write_text(json.dumps(
+        {"train_images": 30, "subjects": 3, "group_kind": "subject"}))
+    page, summary = _run(run_dir, tiny_interim)
+    assert "<title>nerve segmentation report</title>" in page and "Nerve segmentation: run report" in summary
+    assert "| subjects | 3 |" in summary and "groups (one image each)" not in summary
+    assert report._plural("artery") == "arteries" and report._plural("mass") == "masses"
+    assert report._plural("salt deposit") == "salt deposits" and report._plural("day") == "days"

@@ -75,3 +75,48 @@ def test_empty_fraction_near_target(tmp_path):
     summary = synth.run(Params(seed=3, synth=p), out=tmp_path / "d")
     assert 0.45 <= summary["train_empty_fraction"] <= 0.7
     assert summary["corrupted"] > 0
+
+
+def test_another_dataset_means_no_generation(tmp_path):
+    """dvc repro on a user's dataset: data.raw_dir elsewhere, so synth writes only its note, at once."""
+    import time
+
+    import yaml
+
+    from pipeline.params import load_params
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump({"data": {"raw_dir": str(tmp_path / "mine")}}))
+    params = load_params(params_file)  # full-size defaults: generating would take many seconds
+    start = time.perf_counter()
+    summary = synth.run(params, out=tmp_path / "synthetic")
+    assert time.perf_counter() - start < 1.0
+    assert [p.name for p in (tmp_path / "synthetic").iterdir()] == [synth.NOTE]
+    assert "no synthetic data was generated" in summary["skipped"]
+    assert str(tmp_path / "mine") in (tmp_path / "synthetic" / synth.NOTE).read_text()
+    assert not synth.generates(params, tmp_path / "synthetic")
+
+
+def test_generation_when_raw_dir_is_the_synthetic_folder(tmp_path, monkeypatch):
+    from pipeline.params import DataParams
+
+    p = SynthParams(subjects=2, frames_per_subject=2, test_images=1, height=32, width=32)
+    assert DataParams().raw_dir == synth.SYNTH_DIR          # the default reads what synth writes
+    assert synth.generates(Params(synth=p), tmp_path / "anywhere")
+    own = Params(data=DataParams(raw_dir=str(tmp_path / "d")), synth=p)
+    assert synth.generates(own, tmp_path / "d") and synth.generates(own, tmp_path / "x" / ".." / "d")
+    synth.run(own, out=tmp_path / "d")
+    assert (tmp_path / "d" / "train" / "1_1.tif").exists() and not (tmp_path / "d" / synth.NOTE).exists()
+    monkeypatch.chdir(tmp_path)   # data.raw_dir relative to the working directory, as in dvc repro
+    assert synth.generates(Params(data=DataParams(raw_dir="./data/raw/synthetic/"), synth=p), "elsewhere")
+    assert not synth.generates(Params(data=DataParams(raw_dir="data/raw/other"), synth=p), "data/raw/synthetic")
+
+
+def test_dvc_synth_stage_writes_the_default_raw_dir_and_tracks_it():
+    from pathlib import Path
+
+    import yaml
+
+    stage = yaml.safe_load((Path(__file__).parents[1] / "dvc.yaml").read_text())["stages"]["synth"]
+    assert stage["outs"] == [synth.SYNTH_DIR] and f"--out {synth.SYNTH_DIR}" in stage["cmd"]
+    assert "data.raw_dir" in stage["params"]

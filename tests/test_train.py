@@ -13,28 +13,28 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from helpers import TINY_TRAIN as TINY
 from pipeline import artifacts, train, transforms
 from pipeline.cli import app
 from pipeline.artifacts import read_manifest
 from pipeline.params import AugmentParams, Params, TrainParams
 
-TINY = TrainParams(encoder="resnet18", encoder_depth=3, decoder_channels=(16, 8, 4), height=64, width=64,
-                   epochs=2, batch_size=8, folds=3, train_folds=1, lr=3e-3)
-
 
 @pytest.fixture(scope="module")
-def inputs(tiny_interim: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def inputs(tiny_interim: Path, tiny_plan: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny interim data, a 'cleaned' manifest (all train rows) and a saved augmentation pipeline."""
     d = tmp_path_factory.mktemp("train_inputs")
     manifest = read_manifest(tiny_interim)
     manifest[manifest.split == "train"].to_csv(d / "manifest.csv", index=False)
     artifacts.save_augmentation(transforms.build(AugmentParams(), seed=1), d / "augment.json")
-    return {"interim": tiny_interim, "manifest": d / "manifest.csv", "augment": d / "augment.json"}
+    return {"interim": tiny_interim, "manifest": d / "manifest.csv", "augment": d / "augment.json",
+            "plan": tiny_plan}
 
 
 def _run(t: TrainParams, inputs: dict[str, Path], out: Path, manifest: Path | None = None) -> dict:
     return train.run(Params(seed=5, train=t), interim=inputs["interim"], manifest=manifest or inputs["manifest"],
-                     augment=inputs["augment"], models=out / "models", oof=out / "oof", reports=out / "reports")
+                     augment=inputs["augment"], plan=inputs["plan"], models=out / "models", oof=out / "oof",
+                     reports=out / "reports")
 
 
 # ---------------------------------------------------------------- folds
@@ -124,10 +124,9 @@ def trained(inputs, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dic
 
 def test_stage_writes_checkpoints_oof_and_dvclive_metrics(inputs, trained) -> None:
     out, summary = trained
-    for name in ("best.pt", "last.pt"):
-        state = torch.load(out / "models" / "fold_0" / name, weights_only=True)  # plain data only
-        assert state["config"]["encoder_depth"] == 3 and set(state["norm"]) == {"mean", "std"}
-    assert sorted(p.name for p in (out / "models").rglob("*.pt")) == ["best.pt", "last.pt"]
+    state = torch.load(out / "models" / "fold_0" / "best.pt", weights_only=True)  # plain data only
+    assert state["config"]["encoder_depth"] == 3 and set(state["norm"]) == {"mean", "std"}
+    assert sorted(p.name for p in (out / "models" / "fold_0").iterdir()) == ["best.pt", "done.json"]
     oof = np.load(out / "oof" / "oof.npz")
     assert set(oof.files) == {"ids", "mask_prob", "presence_prob"}
     n = len(oof["ids"])
@@ -163,28 +162,34 @@ def test_resume_after_interruption_ends_with_the_same_weights(inputs, trained, t
     monkeypatch.setattr(train, "train_epoch", real)
     _run(TINY, inputs, tmp_path)
     assert "resuming after epoch 1 of 2" in capsys.readouterr().err
-    whole = torch.load(trained[0] / "models" / "fold_0" / "last.pt", weights_only=True)
-    cut = torch.load(tmp_path / "models" / "fold_0" / "last.pt", weights_only=True)
-    assert whole["model"].keys() == cut["model"].keys()
+    assert not (tmp_path / "models" / "fold_0" / "last.pt").exists()  # finished: removed
+    whole = torch.load(trained[0] / "models" / "fold_0" / "best.pt", weights_only=True)
+    cut = torch.load(tmp_path / "models" / "fold_0" / "best.pt", weights_only=True)
+    assert whole["epoch"] == cut["epoch"] and whole["model"].keys() == cut["model"].keys()
     for key, value in whole["model"].items():
         assert torch.equal(value, cut["model"][key]), key
+    losses = [[(row["train_loss"], row["val_loss"]) for row in json.loads((d / "models" / "fold_0" / "done.json")
+                                                                      .read_text())["history"]]
+              for d in (trained[0], tmp_path)]
+    assert losses[0] == losses[1]  # every epoch trained the same, the last one too
     a, b = np.load(trained[0] / "oof" / "oof.npz"), np.load(tmp_path / "oof" / "oof.npz")
     assert np.array_equal(a["mask_prob"], b["mask_prob"])
     curve = (tmp_path / "reports" / "plots" / "metrics" / "fold_0" / "val_dice.tsv").read_text()
     assert len(curve.splitlines()) == 1 + TINY.epochs  # the resumed run re-logs the epoch it did not train
 
 
-def test_finished_fold_keeps_no_optimizer_state(trained) -> None:
-    """Once a fold is done only best.pt (prediction) and a weights-only last.pt (its hash and history
-    tell a re-run the fold is finished) stay: no optimizer, scheduler or RNG state anywhere."""
+def test_finished_fold_keeps_only_best_and_a_small_marker(trained) -> None:
+    """Once a fold is done only best.pt (prediction) and done.json (its hash and history tell a re-run
+    the fold is finished) stay: no last.pt, no optimizer, scheduler or RNG state anywhere."""
     fold = trained[0] / "models" / "fold_0"
-    best, last = (torch.load(fold / name, weights_only=True) for name in ("best.pt", "last.pt"))
-    for state in (best, last):
-        assert not {"optimizer", "scheduler", "rng"} & set(state), sorted(state)
-    assert last["epoch"] == TINY.epochs and len(last["history"]) == TINY.epochs and last["run_hash"]
+    best = torch.load(fold / "best.pt", weights_only=True)
+    assert not {"optimizer", "scheduler", "rng"} & set(best), sorted(best)
+    done = json.loads((fold / "done.json").read_text())
+    assert done["epoch"] == TINY.epochs and len(done["history"]) == TINY.epochs and done["run_hash"]
+    assert len(done["diagnostics"]["epochs"]) == TINY.epochs
     weights = sum(v.numel() * v.element_size() for v in best["model"].values())
-    for name in ("best.pt", "last.pt"):  # AdamW's two moments would make last.pt ~3x the weights
-        assert (fold / name).stat().st_size < 1.2 * weights, name
+    assert (fold / "best.pt").stat().st_size < 1.2 * weights
+    assert (fold / "done.json").stat().st_size < 0.05 * weights
 
 
 def test_rerun_with_the_same_inputs_skips_the_finished_fold(inputs, trained, tmp_path, monkeypatch,
@@ -206,7 +211,8 @@ def test_unknown_encoder_is_one_clear_error_before_any_work(inputs, tmp_path) ->
 
     with pytest.raises(ParamsError, match=r"train.encoder: unknown encoder 'resnet81'; did you mean resnet18"):
         train.run(Params(seed=5, train=dataclasses.replace(TINY, encoder="resnet81")), interim=tmp_path / "missing",
-                  manifest=tmp_path / "missing.csv", augment=inputs["augment"], models=tmp_path / "models",
+                  manifest=tmp_path / "missing.csv", augment=inputs["augment"], plan=inputs["plan"],
+                  models=tmp_path / "models",
                   oof=tmp_path / "oof", reports=tmp_path / "reports")
     assert not (tmp_path / "models").exists()
 
@@ -216,8 +222,9 @@ def test_changed_params_start_over_instead_of_resuming(inputs, trained, tmp_path
     _run(dataclasses.replace(TINY, lr=1e-3), inputs, tmp_path)
     err = capsys.readouterr().err
     assert "other train params or inputs; starting this fold over" in err and "resuming" not in err
-    state = torch.load(tmp_path / "models" / "fold_0" / "last.pt", weights_only=True)
-    assert len(state["history"]) == TINY.epochs
+    done = [json.loads((d / "models" / "fold_0" / "done.json").read_text()) for d in (trained[0], tmp_path)]
+    assert len(done[1]["history"]) == TINY.epochs and done[1]["run_hash"] != done[0]["run_hash"]
+    assert done[1]["history"][0]["lr"] != done[0]["history"][0]["lr"]  # trained again, at the new rate
 
 
 def test_non_finite_loss_stops_with_a_clear_error(inputs, tmp_path, monkeypatch) -> None:
@@ -234,7 +241,7 @@ def test_cli_prints_training_errors_without_a_traceback(inputs, tmp_path) -> Non
     params.write_text("train:\n  folds: 3\n  train_folds: 1\n")
     result = CliRunner().invoke(app, ["train", "--interim", str(inputs["interim"]), "--manifest",
                                       str(tmp_path / "one_subject.csv"), "--augment", str(inputs["augment"]),
-                                      "--models", str(tmp_path / "m"), "--oof", str(tmp_path / "o"),
+                                      "--plan", str(inputs["plan"]), "--models", str(tmp_path / "m"), "--oof", str(tmp_path / "o"),
                                       "--reports", str(tmp_path / "r"), "--params", str(params)])
     assert result.exit_code == 1
     assert "error: train.folds: 3 folds need at least 3 subjects, the data has 1" in result.output

@@ -90,9 +90,10 @@ def _oof(tiny_interim, path, ids=None, size=(48, 64)):
     return train
 
 
-def test_run_writes_thresholds_table_plots_and_metrics(tiny_interim, tmp_path):
+def test_run_writes_thresholds_table_plots_and_metrics(tiny_interim, tiny_plan, tmp_path):
     train = _oof(tiny_interim, tmp_path / "oof", ids=None)
-    metrics = tune.run(Params(), oof=tmp_path / "oof", interim=tiny_interim, out=tmp_path / "thresholds.json",
+    metrics = tune.run(Params(), plan=tiny_plan, oof=tmp_path / "oof", interim=tiny_interim,
+                       out=tmp_path / "thresholds.json",
                        reports=tmp_path / "reports")
     chosen = json.loads((tmp_path / "thresholds.json").read_text())
     assert set(chosen) == {"pixel", "presence", "min_area"}
@@ -111,14 +112,15 @@ def test_run_writes_thresholds_table_plots_and_metrics(tiny_interim, tmp_path):
                                        metrics["dice_all_empty"]) and metrics["dice_best"] > 0.9
 
 
-def test_run_writes_per_image_oof_scores_at_the_chosen_thresholds(tiny_interim, tmp_path):
+def test_run_writes_per_image_oof_scores_at_the_chosen_thresholds(tiny_interim, tiny_plan, tmp_path):
     """oof_scores.csv: one row per OOF image, in OOF order, scored exactly as predict makes masks; the report's
     confusion matrix and gallery read it instead of re-scoring with torch."""
     from pipeline import rle
     from pipeline.metrics import dice_per_image
 
     train = _oof(tiny_interim, tmp_path / "oof")
-    metrics = tune.run(Params(), oof=tmp_path / "oof", interim=tiny_interim, out=tmp_path / "thresholds.json",
+    metrics = tune.run(Params(), plan=tiny_plan, oof=tmp_path / "oof", interim=tiny_interim,
+                       out=tmp_path / "thresholds.json",
                        reports=tmp_path / "reports")
     scores = pd.read_csv(tmp_path / "reports" / "oof_scores.csv", dtype={"id": str, "rle": str},
                          keep_default_na=False)
@@ -141,9 +143,10 @@ def test_run_writes_per_image_oof_scores_at_the_chosen_thresholds(tiny_interim, 
     assert np.array_equal(scores.predicted_empty, ~pred.any(axis=(1, 2))) and (scores.rle == "").any()
 
 
-def test_run_uses_only_the_ids_in_the_oof(tiny_interim, tmp_path):
+def test_run_uses_only_the_ids_in_the_oof(tiny_interim, tiny_plan, tmp_path):
     _oof(tiny_interim, tmp_path / "oof", ids=["1_1", "2_3", "3_10"])
-    assert tune.run(Params(tune=PLANTED), oof=tmp_path / "oof", interim=tiny_interim, out=tmp_path / "t.json",
+    assert tune.run(Params(tune=PLANTED), plan=tiny_plan, oof=tmp_path / "oof", interim=tiny_interim,
+                    out=tmp_path / "t.json",
                     reports=tmp_path / "r")["images"] == 3
 
 
@@ -154,7 +157,7 @@ def test_run_uses_only_the_ids_in_the_oof(tiny_interim, tmp_path):
     ("unknown_id", "1 OOF id.s. not among the train images.*9_9"),
     ("object_ids", "save ids as a str array"),
 ])
-def test_bad_oof_is_a_clear_input_error(tiny_interim, tmp_path, breakage, message):
+def test_bad_oof_is_a_clear_input_error(tiny_interim, tiny_plan, tmp_path, breakage, message):
     oof = tmp_path / "oof"
     if breakage != "absent":
         _oof(tiny_interim, oof)
@@ -169,7 +172,8 @@ def test_bad_oof_is_a_clear_input_error(tiny_interim, tmp_path, breakage, messag
             data["ids"] = data["ids"].astype(object)
         np.savez(oof / "oof.npz", **data)
     with pytest.raises(InputError, match=message):
-        tune.run(Params(tune=PLANTED), oof=oof, interim=tiny_interim, out=tmp_path / "t.json", reports=tmp_path / "r")
+        tune.run(Params(tune=PLANTED), plan=tiny_plan, oof=oof, interim=tiny_interim, out=tmp_path / "t.json",
+                 reports=tmp_path / "r")
     assert not (tmp_path / "t.json").exists()
 
 
@@ -186,11 +190,11 @@ def test_bad_grid_names_the_key(raw, key):
         parse_params(raw)
 
 
-def test_tune_cli(tiny_interim, tmp_path):
+def test_tune_cli(tiny_interim, tiny_plan, tmp_path):
     _oof(tiny_interim, tmp_path / "oof")
     params = tmp_path / "params.yaml"
     params.write_text("tune:\n  pixel_thresholds: [0.4, 0.5]\n  presence_thresholds: [0.5]\n  min_areas: [0, 10]\n")
-    args = ["tune", "--oof", str(tmp_path / "oof"), "--interim", str(tiny_interim), "--out",
+    args = ["tune", "--oof", str(tmp_path / "oof"), "--interim", str(tiny_interim), "--plan", str(tiny_plan), "--out",
             str(tmp_path / "t.json"), "--reports", str(tmp_path / "r"), "--params", str(params)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -200,14 +204,15 @@ def test_tune_cli(tiny_interim, tmp_path):
     assert "Traceback" not in result.output
 
 
-def test_duplicate_oof_ids_name_the_file_and_up_to_five_ids(tiny_interim, tmp_path):
+def test_duplicate_oof_ids_name_the_file_and_up_to_five_ids(tiny_interim, tiny_plan, tmp_path):
     _oof(tiny_interim, tmp_path / "oof")
     data = dict(np.load(tmp_path / "oof" / "oof.npz"))
     ids = data["ids"].copy()
     ids[10:17] = ids[:7]  # 7 ids twice: only 5 are named
     np.savez(tmp_path / "oof" / "oof.npz", **(data | {"ids": ids}))
     with pytest.raises(InputError) as info:
-        tune.run(Params(tune=PLANTED), oof=tmp_path / "oof", interim=tiny_interim, out=tmp_path / "t.json",
+        tune.run(Params(tune=PLANTED), plan=tiny_plan, oof=tmp_path / "oof", interim=tiny_interim,
+                 out=tmp_path / "t.json",
                  reports=tmp_path / "r")
     text = str(info.value)
     assert str(tmp_path / "oof" / "oof.npz") in text and "7 id(s) appear more than once" in text

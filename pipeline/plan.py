@@ -1,0 +1,101 @@
+"""Plan stage: every `auto` knob resolved from what the dataset is like and the device it runs on.
+
+nnU-Net's central idea, for Kaggle-style 2-D binary segmentation: read a fingerprint of the
+data, derive the configuration from it. Explicit values in params.yaml always win; the plan
+(`reports/plan/plan.json`, a DVC metrics file, so `dvc exp show` lists it) says which values
+were automatic and the facts they came from. Every later stage applies it to its params.
+
+- working size (`train.height`/`width`): the dataset's median aspect ratio in a multiple of 32
+  on each side, about `train.pixel_budget` pixels (12,288 on a CPU, 262,144 on a GPU); images
+  that already fit the budget keep their size, rounded up to a multiple of 32 (101 -> 128);
+- dedup blocks (`dedup.grid`): about 20-px blocks at the median size (420x580: [21, 29], the
+  same features as 20-px blocks); `dedup.scope`: within a subject when the data has groups;
+- minimum areas (`tune.min_areas`): `tune.min_area_fractions` of the median image area;
+- `train.batch_size` and `train.workers` from the device (GPU memory, CPU cores).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.artifacts import Plan, write_plan
+from pipeline.errors import InputError
+from pipeline.io import read_json
+from pipeline.params import Params
+
+CPU_BUDGET, GPU_BUDGET = 12_288, 262_144
+BLOCK = 20   # px per dedup block side at the median size
+
+
+def working_size(height: float, width: float, budget: int) -> tuple[int, int]:
+    """Multiples of 32 with the aspect ratio of height x width closest, about `budget` pixels."""
+    if height * width <= budget:
+        return 32 * math.ceil(height / 32), 32 * math.ceil(width / 32)
+    aspect = math.log(height / width)
+    candidates = [(h, w) for h in range(32, 4097, 32) for w in range(32, 4097, 32)
+                  if budget / 2 <= h * w <= budget * 1.25]
+    return min(candidates, key=lambda hw: (round(abs(math.log(hw[0] / hw[1]) - aspect), 3), -hw[0] * hw[1]))
+
+
+def device_facts() -> dict[str, Any]:
+    """What the plan needs of the machine: the accelerator (if any), its memory, the CPU cores."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return {"device": "cuda", "gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                "cpu_cores": cores}
+    return {"device": "cpu", "cpu_cores": cores}
+
+
+def resolve(params: Params, facts: dict[str, Any], device: dict[str, Any]) -> Plan:
+    """The plan: every planned knob's value, resolved where it is `auto` in `params`, else as given."""
+    t, values = params.train, {}
+    gpu = device["device"] == "cuda"
+    budget = t.pixel_budget if t.pixel_budget != "auto" else GPU_BUDGET if gpu else CPU_BUDGET
+    height, width = working_size(facts["median_height"], facts["median_width"], budget)
+    pixels = (t.height if t.height != "auto" else height) * (t.width if t.width != "auto" else width)
+    values["train.pixel_budget"] = budget
+    values["train.height"], values["train.width"] = height, width
+    memory = device.get("gpu_memory_gib", 0)
+    values["train.batch_size"] = (int(np.clip(2 ** int(math.log2(max(1.0, memory * 2**30 / (pixels * 4 * 2**10)))), 8, 64))
+                                  if gpu else 16)  # about 4 KiB of activations per pixel, a power of two
+    values["train.workers"] = min(8, device["cpu_cores"] - 1) if gpu else 0
+    values["dedup.grid"] = [max(1, round(facts["median_height"] / BLOCK)), max(1, round(facts["median_width"] / BLOCK))]
+    values["dedup.scope"] = "subject" if facts["grouped"] else "global"
+    area = facts["median_height"] * facts["median_width"]
+    values["tune.min_areas"] = sorted({round(f * area) for f in params.tune.min_area_fractions})
+    automatic = tuple(key for key in values if _get(params, key) == "auto")
+    explicit = {key: _get(params, key) for key in values if key not in automatic}
+    return Plan({**values, **{k: list(v) if isinstance(v, tuple) else v for k, v in explicit.items()}}, automatic)
+
+
+def _get(params: Params, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(params, section), name)
+
+
+def dataset_facts(fingerprint: str | Path) -> dict[str, Any]:
+    """The facts the plan uses, from the load stage's fingerprint of the training images."""
+    try:
+        fp = read_json(fingerprint)
+        return {"median_height": float(fp["median_height"]), "median_width": float(fp["median_width"]),
+                "grouped": not fp["one_image_per_group"], "groups": int(fp["groups"]), "images": int(fp["images"]),
+                "sizes": fp["sizes"]}
+    except FileNotFoundError:
+        raise InputError(f"{fingerprint}: fingerprint not found (run the load stage)") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{fingerprint}: not a fingerprint written by the load stage ({exc})") from None
+
+
+def run(params: Params, *, fingerprint: str | Path, out: str | Path) -> dict[str, Any]:
+    """Write `out` (plan.json); returns the resolved values."""
+    facts, device = dataset_facts(fingerprint), device_facts()
+    plan = resolve(params, facts, device)
+    write_plan(out, plan, {"dataset": facts, "device": device})
+    return {**plan.values, "automatic": ", ".join(plan.automatic) or "none"}
