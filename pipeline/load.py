@@ -67,15 +67,17 @@ def run(params: Params, *, raw: str | Path, out: str | Path, metrics: str | Path
     listing = layouts.scan(raw_dir, data)
     train, test = listing.train, listing.test
     problems: list[str] = []
-    modes: list[str] = []
+    modes: dict[str, list[str]] = {"train": [], "test": []}
 
-    def image(path: str) -> np.ndarray:
-        array, mode = read_image(path, data.channels)
-        modes.append(mode)
-        return array
+    def reader(split: str) -> Callable[[str], np.ndarray]:
+        def image(path: str) -> np.ndarray:
+            array, mode = read_image(path, data.channels)
+            modes[split].append(mode)
+            return array
+        return image
 
-    images = _read_all(train.path.tolist(), image, "load train images", problems)
-    tests = _read_all(test.path.tolist(), image, "load test images", problems)
+    images = _read_all(train.path.tolist(), reader("train"), "load train images", problems)
+    tests = _read_all(test.path.tolist(), reader("test"), "load test images", problems)
     # Every problem at once: masks are read (decoded) even when some images did not. Images may
     # differ in size; each mask must have its own image's size.
     if all(a is None for a in images + tests):
@@ -136,11 +138,12 @@ def run(params: Params, *, raw: str | Path, out: str | Path, metrics: str | Path
         "height": int(height), "width": int(width),
         "image_sizes": int(n_sizes),
         "channels": 1 if train_images.ndim == 3 else int(train_images.shape[3]),
-        "colour_images_converted_to_gray": int(sum(m == "RGB" for m in modes)) if data.channels == "gray" else 0,
+        "colour_images_converted_to_gray": (sum(m == "RGB" for m in modes["train"] + modes["test"])
+                                            if data.channels == "gray" else 0),
         "empty_fraction": round(float(1 - train.has_mask.mean()), 4),
         "mean_mask_area": round(float(areas[areas > 0].mean()) if (areas > 0).any() else 0.0, 1),
     }
     write_json(metrics, summary)
-    write_json(fingerprint, dataset_fingerprint(images=images, masks=masks, modes=modes, groups=train.subject.tolist(),
+    write_json(fingerprint, dataset_fingerprint(images=images, masks=masks, modes=modes["train"], groups=train.subject.tolist(),
                                                 group_kind=summary["group_kind"], seed=params.seed))
     return summary
