@@ -36,7 +36,7 @@ from pipeline.errors import InputError
 
 LEDGER = ".pipeline-outputs.json"
 _TEMP_NAME = re.compile(r"^\..+\.pid(?P<pid>\d+)\.[^.]+(?:\.old)?\.tmp$")
-_ACTIVE: set[str] = set()    # temporaries this process is writing right now
+_ACTIVE: set[str] = set()    # absolute paths of the temporaries this process is writing right now
 
 
 def _current_umask() -> int:
@@ -46,6 +46,11 @@ def _current_umask() -> int:
 
 
 _UMASK = _current_umask()
+
+
+def _key(path: str | Path) -> str:
+    """How `_ACTIVE` names a path: absolute, so a relative and an absolute spelling agree."""
+    return os.path.abspath(path)
 
 
 def _temp_prefix(path: Path) -> str:
@@ -88,7 +93,7 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
         return removed
     for entry in entries:
         match = _TEMP_NAME.match(entry.name)
-        if not match or str(entry) in _ACTIVE or _process_alive(int(match["pid"])):
+        if not match or _key(entry) in _ACTIVE or _process_alive(int(match["pid"])):
             continue
         _remove(entry)
         removed.append(entry)
@@ -96,7 +101,8 @@ def remove_stale_temps(folder: str | Path) -> list[Path]:
 
 
 def _inside_active_temp(path: Path) -> bool:
-    return any(str(folder) in _ACTIVE for folder in (path.parent, *path.parent.parents))
+    absolute = Path(_key(path))
+    return any(str(folder) in _ACTIVE for folder in (absolute.parent, *absolute.parent.parents))
 
 
 def _prepare(path: Path) -> None:
@@ -280,11 +286,11 @@ def _swap_in(pairs: list[tuple[Path, Path]]) -> None:
             aside = None
             if final.is_dir() and not final.is_symlink():
                 aside = _temp_sibling(final, ".old.tmp")
-                _ACTIVE.add(str(aside))
+                _ACTIVE.add(_key(aside))
                 os.replace(final, aside)
             elif final.exists() or final.is_symlink():
                 aside = _temp_sibling(final, ".old.tmp")
-                _ACTIVE.add(str(aside))
+                _ACTIVE.add(_key(aside))
                 os.link(final, aside, follow_symlinks=False)  # the final path is never missing
             done.append((tmp, final, aside))
             os.replace(tmp, final)
@@ -299,7 +305,7 @@ def _swap_in(pairs: list[tuple[Path, Path]]) -> None:
         for _, _, aside in done:
             if aside is not None:
                 _remove(aside)
-                _ACTIVE.discard(str(aside))
+                _ACTIVE.discard(_key(aside))
 
 
 @contextlib.contextmanager
@@ -330,7 +336,7 @@ def stage_commit(stage: str, *, immediate: Iterable[Path] = ()) -> Iterator[None
             _OPEN.remove(commit)
         for tmp in commit.pending.values():
             _remove(tmp)
-            _ACTIVE.discard(str(tmp))
+            _ACTIVE.discard(_key(tmp))
 
 
 def _publish(tmp: Path, path: Path) -> bool:
@@ -345,7 +351,7 @@ def _publish(tmp: Path, path: Path) -> bool:
     earlier = commit.pending.pop(path, None)
     if earlier is not None:
         _remove(earlier)
-        _ACTIVE.discard(str(earlier))
+        _ACTIVE.discard(_key(earlier))
     commit.pending[path] = tmp
     return True
 
@@ -358,7 +364,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    _ACTIVE.add(tmp)
+    _ACTIVE.add(_key(tmp))
     handed = False
     try:
         yield tmp_path
@@ -367,7 +373,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if not handed:
             tmp_path.unlink(missing_ok=True)
-            _ACTIVE.discard(tmp)
+            _ACTIVE.discard(_key(tmp))
 
 
 @contextlib.contextmanager
@@ -381,7 +387,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     _prepare(path)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
-    _ACTIVE.add(str(tmp))
+    _ACTIVE.add(_key(tmp))
     handed = False
     try:
         yield tmp
@@ -390,4 +396,4 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if not handed:
             shutil.rmtree(tmp, ignore_errors=True)
-            _ACTIVE.discard(str(tmp))
+            _ACTIVE.discard(_key(tmp))

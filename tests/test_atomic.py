@@ -261,3 +261,14 @@ def test_ledgers_are_small_and_readable(tmp_path) -> None:
         _three_outputs(tmp_path, "x")
     ledger = (tmp_path / LEDGER).read_text()
     assert '"metrics.json": "dedup"' in ledger and '"out": "dedup"' in ledger
+
+
+def test_relative_outputs_in_one_folder_all_survive_the_commit(tmp_path, monkeypatch) -> None:
+    """A second write into the folder must not take the first one's pending temporary for a dead run's."""
+    monkeypatch.chdir(tmp_path)
+    with stage_commit("load"):
+        for name, text in (("metrics.json", "a"), ("fingerprint.json", "b")):
+            with atomic_path(Path("reports") / name) as tmp:
+                tmp.write_text(text)
+    assert (tmp_path / "reports" / "metrics.json").read_text() == "a"
+    assert (tmp_path / "reports" / "fingerprint.json").read_text() == "b"
