@@ -256,11 +256,15 @@ def check_probabilities(values: np.ndarray, what: str, ids: np.ndarray | list[st
 
 @dataclass(frozen=True)
 class Thresholds:
-    """A pixel is foreground when its probability is above `pixel`; a mask is kept only if its
-    presence probability is at least `presence` and its area at least `min_area` native pixels."""
+    """A pixel is foreground when its probability is above `pixel`; 8-connected components smaller than
+    `min_component` x the image area are dropped and, with `keep_largest`, all but the largest; a mask
+    is then kept only if its presence probability is at least `presence` and its area at least
+    `min_area` native pixels (the order and details: `pipeline.postprocess`)."""
     pixel: float = 0.5
     presence: float = 0.5
     min_area: int = 0
+    keep_largest: bool = False
+    min_component: float = 0.0
 
     def to_dict(self) -> dict[str, float | int]:
         return dataclasses.asdict(self)
@@ -271,7 +275,11 @@ def write_thresholds(path: str | Path, thresholds: Thresholds) -> None:
 
 
 def read_thresholds(path: str | Path) -> Thresholds:
-    """Load the tune stage's thresholds.json, refusing anything but three sane numbers."""
+    """Load the tune stage's thresholds.json, refusing anything but sane values.
+
+    `keep_largest` and `min_component` may be absent (a thresholds.json from before the component
+    rules): they then default to off, so such a file gives the same masks as before.
+    """
     path = Path(path)
     try:
         raw = read_json(path)
@@ -280,16 +288,21 @@ def read_thresholds(path: str | Path) -> Thresholds:
     except ValueError as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
     names = [f.name for f in dataclasses.fields(Thresholds)]
-    if not isinstance(raw, dict) or sorted(raw) != sorted(names):
-        raise InputError(f"{path}: expected exactly the keys {', '.join(names)}")
-    for name in ("pixel", "presence"):
-        v = raw[name]
+    required, optional = names[:3], names[3:]
+    if not isinstance(raw, dict) or not set(required) <= set(raw) or not set(raw) <= set(names):
+        raise InputError(f"{path}: expected exactly the keys {', '.join(required)} "
+                         f"(and optionally {', '.join(optional)})")
+    for name in ("pixel", "presence", "min_component"):
+        v = raw.get(name, 0.0)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
             raise InputError(f"{path}: {name} must be a number in [0, 1], got {v!r}")
     v = raw["min_area"]
     if isinstance(v, bool) or not isinstance(v, int) or v < 0:
         raise InputError(f"{path}: min_area must be a non-negative integer, got {v!r}")
-    return Thresholds(pixel=float(raw["pixel"]), presence=float(raw["presence"]), min_area=v)
+    if not isinstance(raw.get("keep_largest", False), bool):
+        raise InputError(f"{path}: keep_largest must be true or false, got {raw['keep_largest']!r}")
+    return Thresholds(pixel=float(raw["pixel"]), presence=float(raw["presence"]), min_area=v,
+                      keep_largest=raw.get("keep_largest", False), min_component=float(raw.get("min_component", 0.0)))
 
 
 # ---------------------------------------------------------------- per-image OOF scores (tune)

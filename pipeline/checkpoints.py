@@ -213,12 +213,15 @@ class FoldFiles:
 
     def save_last(self, model: torch.nn.Module, t: TrainParams, norm: dict[str, float], *, epoch: int,
                   optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device,
-                  history: list[dict[str, Any]], best_dice: float, diagnostics: dict[str, Any] | None) -> None:
-        """After an epoch that is not the fold's last: everything the next epoch needs."""
+                  history: list[dict[str, Any]], best_dice: float, diagnostics: dict[str, Any] | None,
+                  ema: dict[str, Any] | None = None) -> None:
+        """After an epoch that is not the fold's last: everything the next epoch needs (with `train.ema`
+        on, the weight average's state too)."""
         cuda_rng = torch.cuda.get_rng_state() if device.type == "cuda" else None
         save_checkpoint(self.last, model, t, norm, epoch=epoch, optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), rng={"torch": torch.get_rng_state(), "cuda": cuda_rng},
-                        run_hash=self.run_hash, history=history, best_dice=best_dice, diagnostics=diagnostics)
+                        run_hash=self.run_hash, history=history, best_dice=best_dice, diagnostics=diagnostics,
+                        **({"ema": ema} if ema is not None else {}))
 
     def finish(self, *, epoch: int, history: list[dict[str, Any]], best_dice: float,
                diagnostics: dict[str, Any] | None) -> None:
@@ -230,10 +233,15 @@ class FoldFiles:
         self.last.unlink(missing_ok=True)
 
     def restore(self, state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                scheduler: Any, device: torch.device) -> None:
-        """Continue from last.pt's `state` (a finished fold's done.json has nothing to restore)."""
+                scheduler: Any, device: torch.device, ema: Any = None) -> None:
+        """Continue from last.pt's `state` (a finished fold's done.json has nothing to restore); `ema`,
+        the weight average when `train.ema` is on, gets its saved state."""
         if "model" not in state:
             return
+        if ema is not None:
+            if "ema" not in state:
+                raise CheckpointError(f"{self.last}: has no weight average although train.ema is on")
+            ema.load_state_dict(state["ema"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

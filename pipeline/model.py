@@ -7,6 +7,7 @@ normalised and resized. What a checkpoint holds is `pipeline/checkpoints.py`.
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,9 +45,57 @@ def build_model(t: TrainParams, in_channels: int = 1) -> torch.nn.Module:
 
     check_encoder(t.encoder)
     aux = dict(classes=1, dropout=0.2) if t.presence_head else None
-    return smp.Unet(encoder_name=t.encoder, encoder_depth=t.encoder_depth,
-                    encoder_weights=None if t.encoder_weights == "none" else t.encoder_weights,
-                    decoder_channels=list(t.decoder_channels), in_channels=in_channels, classes=1, aux_params=aux)
+    local = t.encoder_weights not in ("none", "imagenet")
+    model = smp.Unet(encoder_name=t.encoder, encoder_depth=t.encoder_depth,
+                     encoder_weights=None if t.encoder_weights == "none" or local else t.encoder_weights,
+                     decoder_channels=list(t.decoder_channels), in_channels=in_channels, classes=1, aux_params=aux)
+    if local:
+        load_encoder_weights(model, t.encoder_weights)
+    return model
+
+
+def load_encoder_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Load a local file holding the smp encoder's state_dict into `model.encoder`, with no network.
+
+    The file is read with `weights_only=True` (plain tensors only; a pickle that would run code is
+    refused). A 3-channel first convolution is adapted to the model's input channels the way smp
+    adapts its own pretrained weights (summed for 1 channel, cycled and rescaled otherwise), so a
+    file saved from a default `smp.Unet(...).encoder` fits gray and RGB data alike. A missing file,
+    anything but a state dict, or keys/shapes that do not fit the encoder are one ParamsError."""
+    where = f"train.encoder_weights: {path}"
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ParamsError(f"{where}: no such file (use none, imagenet, or a local file holding the encoder's "
+                          f"state_dict; README \"train\")")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for corrupt or code-bearing files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ParamsError(f"{where}: not a readable tensor state dict ({first[:200]})") from None
+    if not (isinstance(state, dict) and state
+            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())):
+        raise ParamsError(f"{where}: not a state dict (expected a dict of parameter names to tensors, as "
+                          f"torch.save(model.encoder.state_dict(), ...) writes)")
+    own = model.encoder.state_dict()
+    state = {k: _adapt_first_conv(v, own[k]) if k in own else v for k, v in state.items()}
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    wrong = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        parts = [f"{len(keys)} {what} (e.g. {', '.join(keys[:3])})" for what, keys in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)) if keys]
+        raise ParamsError(f"{where}: does not fit the {type(model.encoder).__name__} of train.encoder "
+                          f"({'; '.join(parts)}); save the state_dict of the same encoder and encoder_depth")
+    model.encoder.load_state_dict(state)
+
+
+def _adapt_first_conv(saved: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
+    """A 3-input-channel convolution kernel reshaped to `own`'s input channels as smp's patch_first_conv does."""
+    if saved.ndim != 4 or own.ndim != 4 or saved.shape[1] != 3 or own.shape[1] == 3 \
+            or saved.shape[0] != own.shape[0] or saved.shape[2:] != own.shape[2:]:
+        return saved
+    if own.shape[1] == 1:
+        return saved.sum(1, keepdim=True)
+    return saved[:, [i % 3 for i in range(own.shape[1])]] * (3 / own.shape[1])
 
 
 def input_channels(model: torch.nn.Module) -> int:

@@ -160,7 +160,9 @@ class TrainParams:
     encoder_depth: Int = Field(5, ge=3, le=5, description="Downsampling stages.")
     decoder_channels: tuple[Annotated[Int, Field(ge=1)], ...] = Field(
         (128, 64, 32, 16, 8), min_length=1, description="Decoder channels, one per encoder_depth level.")
-    encoder_weights: Literal["none", "imagenet"] = Field("none", description="Pretrained encoder weights.")
+    encoder_weights: Str = Field(
+        "none", description="Pretrained encoder weights: none, imagenet (downloads), or a local file holding "
+                            "the smp encoder's state_dict (offline, e.g. a Kaggle dataset).")
     presence_head: Bool = Field(True, description="Classification head: is there a nerve at all?")
     height: Auto | Annotated[Int, Field(ge=32)] = Field(
         "auto", description="Working height; auto: the median aspect ratio within pixel_budget, a multiple of 32.")
@@ -179,6 +181,12 @@ class TrainParams:
     bce_weight: Float = Field(1.0, ge=0.0, description="Weight of the pixel BCE loss.")
     dice_weight: Float = Field(1.0, ge=0.0, description="Weight of the soft Dice loss.")
     presence_weight: Float = Field(0.5, ge=0.0, description="Weight of the presence BCE loss.")
+    loss: Literal["bce_dice", "lovasz", "focal_dice"] = Field(
+        "bce_dice", description="Mask loss: bce_dice (bce_weight x BCE + dice_weight x soft Dice), lovasz (per-image "
+                                "Lovasz hinge), focal_dice (bce_weight x focal + dice_weight x soft Dice).")
+    focal_gamma: Float = Field(2.0, ge=0.0, description="Focal loss exponent (loss: focal_dice; 0 is plain BCE).")
+    ema: Float = Field(0.0, ge=0.0, lt=1.0, description="Decay of an exponential moving average of the weights, "
+                                                        "validated and saved as best.pt (0: off).")
     workers: Auto | Annotated[Int, Field(ge=0)] = Field(
         "auto", description="DataLoader worker processes (0: in the training process); auto: 0 on a CPU.")
     threads: Int = Field(0, ge=0, description="CPU threads (0: all cores, split between ranks).")
@@ -211,7 +219,8 @@ class DiagnosticsParams:
 class TuneParams:
     """The joint search grid; each list must be non-empty (an empty axis would search nothing).
 
-    Presence 0 and min area 0 switch those gates off, so the search can choose not to gate.
+    Presence 0 and min area 0 switch those gates off, so the search can choose not to gate; the
+    component rules are kept only where they beat the best score without them.
     """
     pixel_thresholds: tuple[Annotated[Float, Field(ge=0.0, le=1.0)], ...] = Field(
         (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), min_length=1, description="Pixel is foreground when prob > this.")
@@ -223,6 +232,12 @@ class TuneParams:
     min_area_fractions: tuple[Annotated[Float, Field(ge=0.0, le=1.0)], ...] = Field(
         (0.0, 0.001, 0.002, 0.004, 0.006, 0.008, 0.012), min_length=1,
         description="Candidate minimum areas as fractions of the image (used by min_areas: auto).")
+    keep_largest: Annotated[tuple[Bool, ...], Field(min_length=1)] = Field(
+        (False, True), description="Candidates: keep only the largest 8-connected component of each mask.")
+    min_component_fractions: tuple[Annotated[Float, Field(ge=0.0, le=1.0)], ...] = Field(
+        (0.0, 0.0005, 0.001, 0.002), min_length=1,
+        description="Candidates: drop 8-connected components smaller than this fraction of the image area. "
+                    "Components off (no keep_largest, 0) is always a candidate and wins ties.")
 
 
 @dataclass(frozen=True, config=_CONFIG)

@@ -91,6 +91,13 @@ def _read_metrics(path: Path) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------- current run
 
+def component_rules(thresholds: dict[str, Any]) -> str:
+    """The chosen component rules in words; a thresholds.json without them means off."""
+    rules = (["keep largest"] if thresholds.get("keep_largest") else []) + \
+        ([f"drop < {thresholds['min_component']:g} of the image"] if thresholds.get("min_component") else [])
+    return ", ".join(rules) or "off"
+
+
 def headline(metrics: dict[str, dict[str, Any] | None], thresholds: dict[str, Any] | None) -> Section:
     s = Section("At a glance", "glance")
     tune, predict, train = (metrics.get(k) or {} for k in ("tune", "predict", "train"))
@@ -103,6 +110,7 @@ def headline(metrics: dict[str, dict[str, Any] | None], thresholds: dict[str, An
     if thresholds:
         cards.append(("thresholds pixel / presence / min_area",
                       f"{thresholds['pixel']:g} / {thresholds['presence']:g} / {thresholds['min_area']}"))
+        cards.append(("connected components (chosen on OOF)", component_rules(thresholds)))
     s.cards(cards)
     if not tune:
         s.note("No tune metrics yet: the Dice numbers appear once the train and tune stages have run.")
@@ -143,7 +151,7 @@ def dice_vs_threshold(reports: Path, thresholds: dict[str, Any] | None, all_empt
     except (OSError, ValueError):
         s.note(f"{grid_path}: missing or unreadable (run the tune stage).")
         return s
-    names = [n for n in ("pixel", "presence", "min_area") if n in grid.columns]
+    names = [n for n in ("pixel", "presence", "min_area", "min_component") if n in grid.columns]
     if "dice" not in grid.columns or not names:
         s.note(f"{grid_path}: expected columns pixel, presence, min_area, dice.")
         return s
@@ -163,7 +171,8 @@ def dice_vs_threshold(reports: Path, thresholds: dict[str, Any] | None, all_empt
         if all_empty is not None and lo - pad <= all_empty <= hi + pad:
             ax.axhline(all_empty, color="gray", ls=":", label="all-empty")
         ax.set_ylim(lo - pad, hi + pad)
-        ax.set_xlabel(f"{name} threshold" if name != "min_area" else "min_area (pixels)")
+        ax.set_xlabel({"min_area": "min_area (pixels)", "min_component": "min_component (fraction of the image)"}
+                      .get(name, f"{name} threshold"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     axes[0][0].set_ylabel("OOF mean Dice")
@@ -172,6 +181,14 @@ def dice_vs_threshold(reports: Path, thresholds: dict[str, Any] | None, all_empt
     s.text("Each panel: the best mean Dice over all candidates with that threshold value. "
            "A flat curve means the threshold hardly matters; the dashed line is the chosen value.")
     s.image(_figure_png(fig), "Dice vs thresholds")
+    if "keep_largest" in grid.columns:  # tune's component rules: kept only where they beat the best without them
+        tune = _read_metrics(reports / "tune" / "metrics.json") or {}
+        by = grid.groupby("keep_largest")["dice"].max()
+        s.text(f"Connected components (8-connected, after the pixel threshold, before the gates): chosen "
+               f"{component_rules(thresholds or {})}. Best OOF Dice with the component rules off "
+               f"{tune.get('dice_no_components', '?')}, with them free {tune.get('dice_best', '?')}; best with "
+               f"keep_largest off {by.get(False, float('nan')):.4f}, on {by.get(True, float('nan')):.4f}. "
+               f"A rule is kept only where it beats off (ties: off).")
     top = grid.sort_values("dice", ascending=False, kind="stable").head(5)
     s.text("Best five candidates:")
     s.table(list(top.columns), top.itertuples(index=False))

@@ -11,6 +11,7 @@ checkpoints go to `oof.npz` for the tune stage.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -78,14 +79,85 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1.0) 
     return 1 - dice[positive].mean()
 
 
+def lovasz_hinge_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over the images of the per-image binary Lovasz hinge (Berman et al. 2018), all images at once.
+
+    The Lovasz extension of each image's Jaccard loss, applied to the hinge errors
+    `1 - logit * sign`. An empty truth's Jaccard is 1 minus "any false positive", and its Lovasz
+    extension is the hinge of the single most confident pixel, relu(1 + max logit): it asks for
+    nothing above -1 and leaves the rest alone. Equals smp's `LovaszLoss("binary", per_image=True)`.
+    """
+    logits, target = logits.flatten(1), target.flatten(1).to(logits.dtype)
+    errors = 1.0 - logits * (2.0 * target - 1.0)
+    errors_sorted, order = torch.sort(errors, dim=1, descending=True)
+    truth = torch.gather(target, 1, order)
+    area = truth.sum(1, keepdim=True)
+    jaccard = 1.0 - (area - truth.cumsum(1)) / (area + (1.0 - truth).cumsum(1))
+    grad = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], dim=1)
+    return (F.relu(errors_sorted) * grad).sum(1).mean()
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Pixel mean of the binary focal loss (1 - p_t)^gamma * BCE (Lin et al. 2017, no alpha);
+    gamma 0 is the BCE. Equals smp's `FocalLoss("binary", gamma=gamma)`."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    return ((1.0 - torch.exp(-bce)).pow(gamma) * bce).mean()
+
+
+def mask_loss(mask_logits: torch.Tensor, target: torch.Tensor, t: TrainParams) -> torch.Tensor:
+    """The pixel loss `train.loss` names, on float32 logits."""
+    if t.loss == "lovasz":
+        return lovasz_hinge_loss(mask_logits, target)
+    pixel = (F.binary_cross_entropy_with_logits(mask_logits, target) if t.loss == "bce_dice"
+             else focal_loss(mask_logits, target, t.focal_gamma))
+    return t.bce_weight * pixel + t.dice_weight * soft_dice_loss(torch.sigmoid(mask_logits), target)
+
+
 def compute_loss(mask_logits: torch.Tensor, presence_logit: torch.Tensor, target: torch.Tensor,
                  t: TrainParams) -> torch.Tensor:
-    """bce_weight * pixel BCE + dice_weight * soft Dice + presence_weight * presence BCE."""
+    """The mask loss (`mask_loss`) + presence_weight * presence BCE.
+
+    Default (`bce_dice`): bce_weight * pixel BCE + dice_weight * soft Dice + presence_weight * presence BCE."""
     mask_logits, presence_logit = mask_logits.float(), presence_logit.float()
     present = (target.flatten(1).amax(1) > 0).float()
-    return (t.bce_weight * F.binary_cross_entropy_with_logits(mask_logits, target)
-            + t.dice_weight * soft_dice_loss(torch.sigmoid(mask_logits), target)
+    return (mask_loss(mask_logits, target, t)
             + t.presence_weight * F.binary_cross_entropy_with_logits(presence_logit, present))
+
+
+class Ema:
+    """Exponential moving average of a model's weights and buffers (BatchNorm statistics too).
+
+    After each optimizer step every floating tensor of the state dict moves towards the trained
+    model's: `avg += (1 - d) * (current - avg)` with `d = min(decay, (1 + n) / (10 + n))` after n
+    earlier updates (the usual warm-up: short runs are not dominated by the random start);
+    integer buffers (BatchNorm's batch counter) are copied."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def rate(self) -> float:
+        """The decay the next update uses."""
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        d, current = self.rate(), model.state_dict()
+        pairs = [(avg, current[k]) for k, avg in self.model.state_dict().items()]
+        floats = [(a, c) for a, c in pairs if a.is_floating_point()]
+        torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - d)
+        for a, c in pairs:
+            if not a.is_floating_point():
+                a.copy_(c)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.updates = int(state["updates"])
 
 
 def presence_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -204,10 +276,11 @@ def validate(model: torch.nn.Module, fold: Fold, t: TrainParams, rt: Runtime) ->
 
 def train_epoch(model: torch.nn.Module, loader: torch.utils.data.DataLoader, optimizer: torch.optim.Optimizer,
                 scheduler: Any, t: TrainParams, rt: Runtime, desc: str,
-                on_step: Callable[[], None] | None = None) -> float:
+                on_step: Callable[[], None] | None = None, ema: Ema | None = None) -> float:
     """One pass over this rank's share of the training data; returns the mean loss over all ranks.
 
-    `on_step` runs after each backward pass (the diagnostics read the gradients there)."""
+    `on_step` runs after each backward pass (the diagnostics read the gradients there); `ema`, when
+    given, is updated after each optimizer step."""
     model.train()
     total = torch.zeros(2, device=rt.device)
     for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not rt.main, mininterval=1.0):
@@ -224,6 +297,8 @@ def train_epoch(model: torch.nn.Module, loader: torch.utils.data.DataLoader, opt
             on_step()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update(model)
         total += torch.stack([loss.detach() * len(x), torch.tensor(float(len(x)), device=rt.device)])
     rt.sum_(total)
     return float(total[0] / total[1].clamp(min=1))
@@ -250,6 +325,8 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=t.lr, total_steps=t.epochs * len(loader),
                                                     pct_start=0.2)
     files = FoldFiles(fold_dir, fold.run_hash)
+    ema = Ema(model, t.ema) if t.ema > 0 else None
+    evaluated = ema.model if ema else model  # what is validated and saved as best.pt
     start, history, best = 0, [], -1.0
     monitor = diagnostics.Monitor(d, fold.index, model, fold.x_val, fold.y_val, fold.norm, seed,
                                   rt.log) if rt.main else None
@@ -258,7 +335,7 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
     if rt.main:
         files.settle(state)
     if state is not None:
-        files.restore(state, model, optimizer, scheduler, rt.device)
+        files.restore(state, model, optimizer, scheduler, rt.device, ema)
         start, history, best = state["epoch"], state["history"], state["best_dice"]
         if monitor:
             monitor.restore(state.get("diagnostics"))
@@ -275,15 +352,16 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
         dataset.epoch = epoch
         lr = scheduler.get_last_lr()[0]
         train_loss = train_epoch(net, loader, optimizer, scheduler, t, rt,
-                                 f"fold {fold.index} epoch {epoch + 1}/{t.epochs}", monitor.grads if monitor else None)
-        with monitor.watch(model) if monitor else contextlib.nullcontext({}) as alive:
-            _, presence, val = validate(model, fold, t, rt)
+                                 f"fold {fold.index} epoch {epoch + 1}/{t.epochs}", monitor.grads if monitor else None,
+                                 ema)
+        with monitor.watch(evaluated) if monitor else contextlib.nullcontext({}) as alive:
+            _, presence, val = validate(evaluated, fold, t, rt)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train_loss, "val_loss": val["loss"],
                "val_dice": val["dice"], "val_dice_tuned": val["dice_tuned"], "val_presence_acc": val["presence_acc"],
                "val_presence_auc": val["presence_auc"], "seconds": time.perf_counter() - began}
         history.append(row)
         if monitor:
-            row |= monitor.end_epoch(model, alive, history, presence, fold.y_val)
+            row |= monitor.end_epoch(evaluated, alive, history, presence, fold.y_val)
         _log_epoch(live, fold.index, row)
         rt.log(f"fold {fold.index} epoch {epoch + 1}/{t.epochs}: train loss {train_loss:.4f}, val loss "
                f"{val['loss']:.4f}, val Dice {val['dice']:.4f} (tuned gate {val['dice_tuned']:.4f}, all-empty "
@@ -291,13 +369,13 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
                f"{val['presence_acc']:.3f} AUC {val['presence_auc']:.3f}, {row['seconds']:.1f}s")
         if rt.main:
             if val["dice_tuned"] > best:
-                files.save_best(model, t, fold.norm, epoch=epoch + 1, metrics=val)
+                files.save_best(evaluated, t, fold.norm, epoch=epoch + 1, metrics=val)
             best = max(best, val["dice_tuned"])
             progress = {"epoch": epoch + 1, "history": history, "best_dice": best,
                         "diagnostics": monitor.state() if monitor else None}
             if epoch + 1 < t.epochs:  # what the next epoch needs
                 files.save_last(model, t, fold.norm, optimizer=optimizer, scheduler=scheduler, device=rt.device,
-                                **progress)
+                                ema=ema.state_dict() if ema else None, **progress)
             else:  # finished: best.pt and a small done.json stay, last.pt goes
                 files.finish(**progress)
         rt.barrier()
@@ -333,6 +411,10 @@ def _run_hash(t: TrainParams, seed: int, norm: dict[str, float], augment_bytes: 
     code = [(PACKAGE_DIR.parent / path).read_bytes() for path in code_files(__name__)]  # as dvc.yaml deps
     for part in (*code, augment_bytes, "\n".join(ids).encode(), x.tobytes(), y.tobytes(), folds.tobytes()):
         h.update(part)
+    weights = Path(t.encoder_weights).expanduser()
+    if t.encoder_weights not in ("none", "imagenet") and weights.is_file():  # a replaced file restarts too
+        with weights.open("rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
     return h.hexdigest()
 
 

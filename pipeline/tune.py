@@ -1,9 +1,13 @@
-"""Tune stage: pick the pixel, presence and minimum-area thresholds on out-of-fold predictions.
+"""Tune stage: pick the pixel, presence and minimum-area thresholds and the connected-component
+rules (keep the largest, drop small components) on out-of-fold predictions.
 
 The score is the leaderboard's: mean per-image Dice at native resolution. Only the pixel
-threshold needs the pixels, so one pass over the upsampled OOF probabilities counts, per
-image and for every pixel threshold at once, the predicted area and its overlap with the
-truth. Every presence x min-area combination is then arithmetic on those counts.
+threshold and the component rules need the pixels, so one pass over the upsampled OOF
+probabilities counts, per image and for every pixel threshold at once, the predicted area and
+its overlap with the truth; per image and pixel threshold it also labels the components once
+and derives every component option's area and overlap from the components' areas and overlaps.
+Every presence x min-area combination is then arithmetic on those counts. A component option
+is chosen only where it beats the best score with components off (ties: off).
 
 At the chosen thresholds it also writes one row per OOF image (`oof_scores.csv`): its Dice, true
 and predicted areas, presence probability and final mask (RLE), made exactly as predict makes
@@ -24,10 +28,11 @@ from pipeline.io import InputError, save_figure, write_csv, write_json
 from pipeline.metrics import dice_from_counts, dice_per_image
 from pipeline.model import to_native
 from pipeline.params import Params, TuneParams
-from pipeline.postprocess import apply, keep
+from pipeline.postprocess import apply, components, keep, kept_components, min_component_pixels
 from pipeline.rle import encode
 
 CHUNK = 32  # images upsampled at once: 32 x 420 x 580 float32 is about 31 MB
+OFF = (False, 0.0)  # component rules off: (keep_largest, min_component)
 
 
 def train_rows(interim_dir: str | Path, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -55,27 +60,56 @@ def _native_chunks(sizes: np.ndarray | None, truth: np.ndarray, n: int, desc: st
     return tqdm(chunks, desc=desc, unit="chunk", mininterval=1.0) if desc else chunks
 
 
+def component_options(p: TuneParams) -> list[tuple[bool, float]]:
+    """(keep_largest, min_component) candidates, off first (always a candidate), mildest next."""
+    options = [(bool(k), float(f)) for k in sorted(set(p.keep_largest)) for f in sorted(set(p.min_component_fractions))]
+    return [OFF] + [o for o in options if o != OFF]
+
+
 def count(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, pixel: np.ndarray,
-          sizes: np.ndarray | None = None, resize: str = "stretch") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-image overlap (T,N), predicted area (T,N) and true area (N,) at native size.
+          sizes: np.ndarray | None = None, resize: str = "stretch",
+          options: list[tuple[bool, float]] | tuple[tuple[bool, float], ...] = (OFF,),
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-image overlap (T,O,N), predicted area (T,O,N) and true area (N,) at native size, for every
+    pixel threshold (T) and component option (O; `options[0]` must be off).
 
     `pixel` must be sorted ascending. Each pixel gets the number of thresholds it beats
     (plus an offset when it is true foreground); one bincount per image then gives every
     threshold's counts. Matches `postprocess.binarize` exactly (same float32 comparison).
+    The other options label each image's components once per pixel threshold and keep them
+    with `postprocess.kept_components`, as `postprocess.apply` does.
     """
+    assert tuple(options[0]) == OFF, options
     n_bins = len(pixel) + 1
     dtype = np.min_scalar_type(2 * n_bins)
     counts = np.empty((len(rows), 2, n_bins), np.int64)
+    inter = np.zeros((len(pixel), len(options), len(rows)), np.int64)
+    area = np.zeros_like(inter)
+    largest = np.array([o[0] for o in options[1:]], bool)
+    fractions = np.array([o[1] for o in options[1:]], np.float64)
     for (h, w), part in _native_chunks(sizes, truth, len(rows), "tune: count"):
         low = torch.from_numpy(np.asarray(mask_prob[part], np.float32))[:, None]
         prob = to_native(low, (h, w), resize).numpy()
-        bins = np.asarray(truth[rows[part]], dtype)[:, :h, :w] * dtype.type(n_bins)
+        true = np.asarray(truth[rows[part]], bool)[:, :h, :w]
+        bins = true.astype(dtype) * dtype.type(n_bins)
         for t in pixel:
             bins += prob > t
         counts[part] = [np.bincount(b.ravel(), minlength=2 * n_bins).reshape(2, n_bins) for b in bins]
+        if len(options) == 1:
+            continue
+        limits = min_component_pixels(fractions, h, w)
+        for j, t in enumerate(pixel):
+            for k, i in enumerate(part):
+                mask = prob[k] > t
+                labels, box, areas = components(mask)
+                if not len(areas):
+                    continue
+                overlap = np.bincount(labels[mask[box] & true[k][box]], minlength=len(areas) + 1)[1:]
+                kept = kept_components(areas, largest, limits)
+                inter[j, 1:, i], area[j, 1:, i] = kept @ overlap, kept @ areas
     above = np.cumsum(counts[..., ::-1], axis=-1)[..., ::-1]  # above[..., j]: pixels beating j thresholds
-    inter = above[:, 1, 1:].T
-    area = above[:, :, 1:].sum(axis=1).T
+    inter[:, 0] = above[:, 1, 1:].T
+    area[:, 0] = above[:, :, 1:].sum(axis=1).T
     return inter, area, counts[:, 1].sum(axis=1)
 
 
@@ -90,12 +124,14 @@ def grid_dice(inter: np.ndarray, area: np.ndarray, truth_area: np.ndarray, prese
     return dice.mean(axis=-1)
 
 
-def _heatmap(grid: pd.DataFrame, pixel: float, path: Path) -> None:
+def _heatmap(grid: pd.DataFrame, chosen: Thresholds, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    table = grid[grid.pixel == pixel].pivot(index="presence", columns="min_area", values="dice")
+    at = (grid.pixel == chosen.pixel) & (grid.keep_largest == chosen.keep_largest) & \
+        (grid.min_component == chosen.min_component)
+    table = grid[at].pivot(index="presence", columns="min_area", values="dice")
     fig, ax = plt.subplots(figsize=(1.1 * table.shape[1] + 2, 0.6 * table.shape[0] + 1.5))
     im = ax.imshow(table.to_numpy(), cmap="viridis", aspect="auto", origin="lower")
     ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns])
@@ -104,7 +140,8 @@ def _heatmap(grid: pd.DataFrame, pixel: float, path: Path) -> None:
         ax.text(c, r, f"{v:.3f}", ha="center", va="center", fontsize=7, color="w" if v < table.values.mean() else "k")
     ax.set_xlabel("min_area (pixels)")
     ax.set_ylabel("presence threshold")
-    ax.set_title(f"OOF mean Dice at pixel threshold {pixel:g}")
+    ax.set_title(f"OOF mean Dice at pixel threshold {chosen.pixel:g}, keep_largest {chosen.keep_largest}, "
+                 f"min_component {chosen.min_component:g}", fontsize=9)
     fig.colorbar(im, ax=ax)
     save_figure(fig, path)
 
@@ -113,36 +150,53 @@ def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_
            p: TuneParams, sizes: np.ndarray | None = None, resize: str = "stretch") -> tuple[pd.DataFrame, Thresholds, dict[str, float]]:
     """Score every grid candidate; returns (one row per candidate, the best, metrics).
 
-    The metrics put the best next to the baselines it must beat: predicting all empty,
-    tuning without the presence gate, and the untuned 0.5 / 0.5 / 0 defaults.
+    A component option is chosen only when its best Dice beats the best with components off
+    (`dice_no_components`); otherwise, and on ties, the rules stay off. The metrics put the best
+    next to the baselines it must beat: predicting all empty, tuning without the presence gate,
+    without the component rules, and the untuned 0.5 / 0.5 / 0 defaults.
     """
     default = Thresholds()
+    options = component_options(p)
     pixel = np.unique(np.array(p.pixel_thresholds + (default.pixel,), np.float32))
-    inter, area, truth_area = count(mask_prob, truth, rows, pixel, sizes, resize)
+    inter, area, truth_area = count(mask_prob, truth, rows, pixel, sizes, resize, options)
     grid_pixel = np.unique(np.array(p.pixel_thresholds, np.float32))
     presence = np.unique(np.array(p.presence_thresholds, np.float32))
     min_area = np.unique(np.array(p.min_areas, np.int64))
     at = np.searchsorted(pixel, grid_pixel)
-    scores = grid_dice(inter[at, None, None], area[at, None, None], truth_area, presence_prob,
-                       presence[None, :, None, None], min_area[None, None, :, None])
-    best = np.unravel_index(np.argmax(scores), scores.shape)  # ties: the lowest thresholds win
-    chosen = Thresholds(pixel=round(float(grid_pixel[best[0]]), 6), presence=round(float(presence[best[1]]), 6),
-                        min_area=int(min_area[best[2]]))
-    ungated = grid_dice(inter[at, None], area[at, None], truth_area, presence_prob, 0.0, min_area[None, :, None])
+    scores = np.empty((len(grid_pixel), len(options), len(presence), len(min_area)))
+    ungated = np.empty((len(grid_pixel), len(options), len(min_area)))
+    for o in range(len(options)):  # one option at a time: the memory of the search without components
+        scores[:, o] = grid_dice(inter[at, o, None, None], area[at, o, None, None], truth_area, presence_prob,
+                                 presence[None, :, None, None], min_area[None, None, :, None])
+        ungated[:, o] = grid_dice(inter[at, o, None], area[at, o, None], truth_area, presence_prob, 0.0,
+                                  min_area[None, :, None])
+    off = np.unravel_index(np.argmax(scores[:, 0]), scores[:, 0].shape)  # ties: the lowest thresholds win
+    best = (off[0], 0, *off[1:])
+    if len(options) > 1 and scores[:, 1:].max() > scores[best] + 1e-12:  # strictly better, not float noise
+        on = np.unravel_index(np.argmax(scores[:, 1:]), scores[:, 1:].shape)
+        best = (on[0], on[1] + 1, *on[2:])
+    keep_largest, min_component = options[best[1]]
+    chosen = Thresholds(pixel=round(float(grid_pixel[best[0]]), 6), presence=round(float(presence[best[2]]), 6),
+                        min_area=int(min_area[best[3]]), keep_largest=keep_largest,
+                        min_component=round(min_component, 6))
     d = int(np.searchsorted(pixel, np.float32(default.pixel)))
     metrics = {
         "dice_best": float(scores[best]),
-        "dice_default": float(grid_dice(inter[d], area[d], truth_area, presence_prob, np.float32(default.presence),
-                                        default.min_area)),
+        "dice_no_components": float(scores[:, 0].max()),
+        "dice_default": float(grid_dice(inter[d, 0], area[d, 0], truth_area, presence_prob,
+                                        np.float32(default.presence), default.min_area)),
         "dice_no_presence_gate": float(ungated.max()),
         "dice_all_empty": float(np.mean(truth_area == 0)),
         "images": len(rows),
         "candidates": int(scores.size),
         **{f"best_{k}": v for k, v in chosen.to_dict().items()},
     }
-    pp, pr, ma = np.meshgrid(grid_pixel, presence, min_area, indexing="ij")
+    pp, oo, pr, ma = np.meshgrid(grid_pixel, np.arange(len(options)), presence, min_area, indexing="ij")
+    oo = oo.ravel()
     grid = pd.DataFrame({"pixel": pp.ravel().astype(float).round(6), "presence": pr.ravel().astype(float).round(6),
-                         "min_area": ma.ravel(), "dice": scores.ravel()})
+                         "min_area": ma.ravel(), "keep_largest": np.array([o[0] for o in options])[oo],
+                         "min_component": np.array([o[1] for o in options], float).round(6)[oo],
+                         "dice": scores.ravel()})
     return grid, chosen, {k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
@@ -177,7 +231,8 @@ def oof_scores(ids: np.ndarray, mask_prob: np.ndarray, presence_prob: np.ndarray
 
 def run(params: Params, *, oof: str | Path, interim: str | Path, plan: str | Path, out: str | Path,
         reports: str | Path) -> dict[str, float]:
-    """Write the chosen thresholds to `out`; the grid, plots, per-image OOF scores and metrics to `reports`."""
+    """Write the chosen thresholds and component rules to `out`; the grid, plots, per-image OOF scores and
+    metrics to `reports`."""
     params = read_plan(plan).apply(params)
     ids, mask_prob, presence_prob = read_oof(oof)
     rows, sizes = train_rows(interim, ids)
@@ -188,7 +243,7 @@ def run(params: Params, *, oof: str | Path, interim: str | Path, plan: str | Pat
     write_csv(reports / "grid.csv", grid.round({"dice": 6}))
     for name in ("pixel", "presence", "min_area"):  # profile: best Dice at each value of one threshold
         write_csv(reports / f"dice_vs_{name}.csv", grid.groupby(name, as_index=False)["dice"].max().round(6))
-    _heatmap(grid, chosen.pixel, reports / "heatmap.png")
+    _heatmap(grid, chosen, reports / "heatmap.png")
     write_oof_scores(reports / "oof_scores.csv",
                      oof_scores(ids, mask_prob, presence_prob, truth, rows, chosen, sizes, resize))
     write_json(reports / "metrics.json", metrics)

@@ -45,3 +45,50 @@ def test_unknown_encoder_names_the_key_and_close_names() -> None:
     assert "\n" not in str(err.value)
     with pytest.raises(ParamsError, match=r"train.encoder: unknown encoder 'tu-resnet188'; did you mean tu-resnet18"):
         build_model(dataclasses.replace(TINY, encoder="tu-resnet188"))
+
+
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_encoder_weights_from_a_local_file_load_offline(tmp_path, in_channels: int) -> None:
+    """The Kaggle way: a file with the smp encoder's state_dict (3-channel, as saved from a default
+    smp.Unet) loads into the encoder; the first convolution is adapted like smp adapts imagenet's."""
+    torch.manual_seed(0)
+    source = build_model(TINY, in_channels=3).encoder
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p))  # nothing a fresh model would start with
+    saved = {k: v.clone() for k, v in source.state_dict().items()}
+    torch.save(saved, tmp_path / "resnet18.pth")
+    model = build_model(dataclasses.replace(TINY, encoder_weights=str(tmp_path / "resnet18.pth")), in_channels)
+    loaded = model.encoder.state_dict()
+    assert loaded.keys() == saved.keys()
+    for key, value in saved.items():
+        if key == "conv1.weight" and in_channels == 1:
+            assert torch.allclose(loaded[key], value.sum(1, keepdim=True)), key
+        else:
+            assert torch.equal(loaded[key], value), key
+
+
+def test_bad_encoder_weight_files_are_one_clear_error(tmp_path) -> None:
+    from pipeline.params import ParamsError
+
+    def build(path):
+        return build_model(dataclasses.replace(TINY, encoder_weights=str(path)))
+
+    with pytest.raises(ParamsError, match=r"^train.encoder_weights: .*missing.pth: no such file"):
+        build(tmp_path / "missing.pth")
+    torch.save([torch.zeros(3)], tmp_path / "list.pth")
+    with pytest.raises(ParamsError, match=r"^train.encoder_weights: .*list.pth: not a state dict"):
+        build(tmp_path / "list.pth")
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    with pytest.raises(ParamsError, match=r"^train.encoder_weights: .*junk.pth: not a readable tensor state dict"):
+        build(tmp_path / "junk.pth")
+    other = build_model(dataclasses.replace(TINY, encoder="resnet34")).encoder.state_dict()
+    torch.save(other, tmp_path / "resnet34.pth")
+    with pytest.raises(ParamsError, match=r"^train.encoder_weights: .*resnet34.pth: does not fit .*unexpected keys") \
+            as err:
+        build(tmp_path / "resnet34.pth")
+    assert "\n" not in str(err.value)
+    own = build_model(TINY).encoder.state_dict()
+    torch.save({k: v for k, v in own.items() if k != "conv1.weight"}, tmp_path / "partial.pth")
+    with pytest.raises(ParamsError, match=r"partial.pth: does not fit .*\(1 missing keys \(e.g. conv1.weight\)\)"):
+        build(tmp_path / "partial.pth")

@@ -143,3 +143,28 @@ def test_predict_cli(tiny_interim, tiny_raw, models, tmp_path):
     args[args.index("--models") + 1] = str(tmp_path / "none")
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1 and "no fold_*/best.pt" in result.output and "Traceback" not in result.output
+
+
+def test_submission_masks_are_postprocess_apply_with_the_component_rules(tiny_interim, tiny_raw, models, tmp_path,
+                                                                         monkeypatch):
+    """predict writes exactly `postprocess.apply` of its native probabilities, component rules included."""
+    from pipeline import postprocess
+    from pipeline.artifacts import read_manifest
+
+    native = []
+    real = predict.to_native
+    monkeypatch.setattr(predict, "to_native", lambda *a, **k: native.append(real(*a, **k)) or native[-1])
+    _run(tiny_interim, models, tiny_raw, tmp_path, Thresholds(), PredictParams(batch_size=4, tta_flip=False))
+    prob = torch.cat(native).numpy()
+    test = read_manifest(tiny_interim).query("split == 'test'").sort_values("row")
+    pixel = float(np.quantile(prob, 0.8))  # an untrained net: speckled masks, many components
+    rules = Thresholds(pixel=pixel, presence=0.0, min_area=0, keep_largest=True, min_component=0.001)
+    native.clear()
+    _run(tiny_interim, models, tiny_raw, tmp_path, rules, PredictParams(batch_size=4, tta_flip=False))
+    assert np.array_equal(torch.cat(native).numpy(), prob)  # the same probabilities both times
+    written = pd.read_csv(tmp_path / "sub" / "submission.csv", dtype=str, keep_default_na=False).set_index("img")
+    masks = np.stack([rle.decode(written.loc[i, "pixels"], SHAPE) for i in test.id])
+    expected = postprocess.apply(prob, np.zeros(len(prob), np.float32), rules)
+    assert np.array_equal(masks, expected)
+    plain = prob > pixel
+    assert (masks.sum(axis=(1, 2)) < plain.sum(axis=(1, 2))).all() and masks.any(axis=(1, 2)).all()  # rules acted

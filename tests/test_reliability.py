@@ -664,7 +664,7 @@ def test_tune_counts_equal_thresholding_and_scoring_with_empty_masks(prob, data)
     p = TuneParams(pixel_thresholds=(0.2, 0.5), presence_thresholds=(0.0, 0.5), min_areas=(0, 3))
     grid, _, _ = tune.search(prob, truth, np.arange(n), presence, p)
     for row in grid.itertuples():
-        t = Thresholds(row.pixel, row.presence, int(row.min_area))
+        t = Thresholds(row.pixel, row.presence, int(row.min_area), bool(row.keep_largest), row.min_component)
         assert row.dice == pytest.approx(mean_dice(apply(prob, presence, t), truth), abs=1e-12)
 
 

@@ -82,6 +82,85 @@ def test_total_loss_weights_its_three_terms() -> None:
         assert train.compute_loss(logits, presence, target, t).item() == pytest.approx(expected, rel=1e-6)
 
 
+def _confident(target: torch.Tensor, right: bool) -> torch.Tensor:
+    """Logits of +-20: the truth when `right`, its opposite otherwise."""
+    return (target * 2 - 1) * (20.0 if right else -20.0)
+
+
+@pytest.mark.parametrize("loss", ["bce_dice", "lovasz", "focal_dice"])
+def test_each_loss_is_zero_when_perfect_larger_when_wrong_and_has_gradients(loss: str) -> None:
+    target = torch.zeros(3, 1, 8, 8)
+    target[0, 0, 2:5, 1:6] = 1
+    target[1, 0, :, :3] = 1  # image 2 empty
+    t = dataclasses.replace(TINY, loss=loss, presence_weight=0.0)
+    assert train.mask_loss(_confident(target, True), target, t).item() == pytest.approx(0.0, abs=1e-6)
+    assert train.mask_loss(_confident(target, False), target, t).item() > 0.5
+    logits = torch.randn(3, 1, 8, 8, requires_grad=True)
+    train.compute_loss(logits, torch.zeros(3), target, t).backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_lovasz_and_focal_equal_smp_and_handle_empty_images() -> None:
+    from segmentation_models_pytorch.losses import FocalLoss, LovaszLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1, 8, 8) * 3
+    target = (torch.rand(4, 1, 8, 8) > 0.6).float()
+    target[1] = 0  # an empty truth
+    assert train.lovasz_hinge_loss(logits, target).item() == pytest.approx(
+        LovaszLoss("binary", per_image=True)(logits, target).item(), rel=1e-5)
+    for gamma in (0.0, 2.0):
+        assert train.focal_loss(logits, target, gamma).item() == pytest.approx(
+            FocalLoss("binary", gamma=gamma)(logits, target).item(), rel=1e-5)
+    # an empty truth: only the most confident pixel counts, relu(1 + max logit)
+    empty = torch.full((1, 1, 4, 4), -3.0)
+    empty[0, 0, 1, 2] = 0.5
+    assert train.lovasz_hinge_loss(empty, torch.zeros_like(empty)).item() == pytest.approx(1.5)
+    assert train.lovasz_hinge_loss(empty - 10, torch.zeros_like(empty)).item() == 0.0
+    # focal with gamma 0 is the BCE; with gamma > 0 it discounts the easy pixels
+    assert train.focal_loss(logits, target, 0.0).item() == pytest.approx(
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, target).item(), rel=1e-6)
+    assert train.focal_loss(logits, target, 2.0) < train.focal_loss(logits, target, 0.0)
+
+
+def test_default_loss_is_the_old_formula() -> None:
+    torch.manual_seed(1)
+    logits, presence = torch.randn(4, 1, 8, 8), torch.randn(4)
+    target = (torch.rand(4, 1, 8, 8) > 0.5).float()
+    target[2] = 0
+    old = (TINY.bce_weight * torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
+           + TINY.dice_weight * train.soft_dice_loss(torch.sigmoid(logits), target)
+           + TINY.presence_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+               presence, (target.flatten(1).amax(1) > 0).float()))
+    assert TrainParams().loss == "bce_dice"
+    assert torch.equal(train.compute_loss(logits, presence, target, TINY), old)
+
+
+def test_ema_follows_the_weights_by_hand_with_buffers_and_warm_up() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = train.Ema(model, 0.99)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for n in range(3):
+        model(torch.randn(8, 3)).pow(2).mean().backward()  # training mode: BatchNorm statistics move too
+        optimizer.step()
+        optimizer.zero_grad()
+        ema.update(model)
+        d = min(0.99, (1 + n) / (10 + n))
+        for k, v in model.state_dict().items():
+            expected[k] = d * expected[k] + (1 - d) * v if v.is_floating_point() else v.clone()
+    for k, v in ema.model.state_dict().items():
+        assert torch.allclose(v, expected[k], atol=1e-6), k
+        if v.is_floating_point():
+            assert not torch.equal(v, model.state_dict()[k]), k  # an average, not the weights
+    assert ema.model.state_dict()["1.num_batches_tracked"] == 3
+    again = train.Ema(model, 0.99)
+    again.load_state_dict(ema.state_dict())
+    assert again.updates == 3 and all(torch.equal(v, ema.model.state_dict()[k])
+                                      for k, v in again.model.state_dict().items())
+
+
 def test_presence_auc_matches_pair_counting_with_ties() -> None:
     rng = np.random.default_rng(3)
     scores = rng.integers(0, 5, 60).astype(float)  # many ties
@@ -176,6 +255,46 @@ def test_resume_after_interruption_ends_with_the_same_weights(inputs, trained, t
     assert np.array_equal(a["mask_prob"], b["mask_prob"])
     curve = (tmp_path / "reports" / "plots" / "metrics" / "fold_0" / "val_dice.tsv").read_text()
     assert len(curve.splitlines()) == 1 + TINY.epochs  # the resumed run re-logs the epoch it did not train
+
+
+def test_ema_saves_the_average_and_resumes_to_the_same_weights(inputs, trained, tmp_path, monkeypatch) -> None:
+    """With train.ema on, best.pt holds the weight average (not the trained weights), and a run killed
+    after epoch 1 resumes with the average's state from last.pt, ending bit-identical."""
+    t = dataclasses.replace(TINY, ema=0.9)
+    real, calls, raw = train.train_epoch, [], []
+
+    def keep_raw(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        raw.append({k: v.clone() for k, v in args[0].state_dict().items()})  # the trained weights per epoch
+        return loss
+
+    monkeypatch.setattr(train, "train_epoch", keep_raw)
+    _run(t, inputs, tmp_path / "whole")
+    whole = torch.load(tmp_path / "whole" / "models" / "fold_0" / "best.pt", weights_only=True)
+    trained_then = raw[whole["epoch"] - 1]
+    assert whole["model"].keys() == trained_then.keys()
+    assert all(not torch.equal(v, trained_then[k]) for k, v in whole["model"].items()
+               if v.is_floating_point() and k.endswith("weight"))  # the average, not the trained weights
+
+    def killed_in_epoch_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_epoch", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        _run(t, inputs, tmp_path / "cut")
+    killed = torch.load(tmp_path / "cut" / "models" / "fold_0" / "last.pt", weights_only=True)
+    assert killed["ema"]["updates"] > 0 and killed["ema"]["model"].keys() == killed["model"].keys()
+    monkeypatch.setattr(train, "train_epoch", real)
+    _run(t, inputs, tmp_path / "cut")
+    cut = torch.load(tmp_path / "cut" / "models" / "fold_0" / "best.pt", weights_only=True)
+    assert cut["epoch"] == whole["epoch"]
+    for key, value in whole["model"].items():
+        assert torch.equal(value, cut["model"][key]), key
+    plain = torch.load(trained[0] / "models" / "fold_0" / "best.pt", weights_only=True)
+    assert any(not torch.equal(v, plain["model"][k]) for k, v in whole["model"].items() if v.is_floating_point())
 
 
 def test_finished_fold_keeps_only_best_and_a_small_marker(trained) -> None:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -16,7 +17,8 @@ from pipeline.params import Params, ParamsError, TuneParams, parse_params
 from pipeline.artifacts import Thresholds
 from pipeline.postprocess import apply
 
-PLANTED = TuneParams(pixel_thresholds=(0.5, 0.3, 0.4), presence_thresholds=(0.6, 0.7, 0.8), min_areas=(0, 50, 120))
+PLANTED = TuneParams(pixel_thresholds=(0.5, 0.3, 0.4), presence_thresholds=(0.6, 0.7, 0.8), min_areas=(0, 50, 120),
+                     keep_largest=(False,), min_component_fractions=(0.0,))  # components: off only
 
 
 def _planted() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -67,14 +69,18 @@ def test_grid_matches_thresholding_at_native_size():
     prob[::3, :, :6] = 0.5  # flat patches exactly at a threshold: the comparison must be strict in both
     presence = np.clip(native.any(axis=(1, 2)) * 0.4 + rng.random(20) * 0.6, 0, 1).astype(np.float32)
     presence[:6] = 0.5  # exactly at a grid threshold too
-    p = TuneParams(pixel_thresholds=(0.3, 0.5, 0.6), presence_thresholds=(0.2, 0.5, 0.7), min_areas=(0, 30, 90))
+    p = TuneParams(pixel_thresholds=(0.3, 0.5, 0.6), presence_thresholds=(0.2, 0.5, 0.7), min_areas=(0, 30, 90),
+                   min_component_fractions=(0.0, 0.004, 0.02))  # 24x32: components of >= 3.072 / 15.36 pixels
     rows = rng.permutation(20)  # OOF order differs from array order
     grid, _, _ = tune.search(prob[rows], native, rows, presence[rows], p)
+    assert len(grid) == 3 * 3 * 3 * 6  # components: off, 2 min_component, keep_largest x 3
     up = to_native(torch.from_numpy(prob.astype(np.float32))[:, None], (24, 32)).numpy()
     for row in grid.itertuples():
-        t = Thresholds(row.pixel, row.presence, int(row.min_area))
+        t = Thresholds(row.pixel, row.presence, int(row.min_area), bool(row.keep_largest), row.min_component)
         assert row.dice == pytest.approx(mean_dice(apply(up, presence, t), native), abs=1e-12), t
     assert grid.dice.nunique() > 5
+    changed = grid.groupby(["pixel", "presence", "min_area"]).dice.nunique() > 1
+    assert changed.mean() > 0.3  # the component rules change the score of many gate settings
 
 
 def _oof(tiny_interim, path, ids=None, size=(48, 64)):
@@ -96,11 +102,16 @@ def test_run_writes_thresholds_table_plots_and_metrics(tiny_interim, tiny_plan, 
                        out=tmp_path / "thresholds.json",
                        reports=tmp_path / "reports")
     chosen = json.loads((tmp_path / "thresholds.json").read_text())
-    assert set(chosen) == {"pixel", "presence", "min_area"}
+    assert set(chosen) == {"pixel", "presence", "min_area", "keep_largest", "min_component"}
     grid = pd.read_csv(tmp_path / "reports" / "grid.csv")
-    assert list(grid.columns) == ["pixel", "presence", "min_area", "dice"] and len(grid) == 7 * 8 * 7
-    best = grid.loc[grid.dice.idxmax()]
-    assert (best.pixel, best.presence, best.min_area) == (chosen["pixel"], chosen["presence"], chosen["min_area"])
+    assert list(grid.columns) == ["pixel", "presence", "min_area", "keep_largest", "min_component", "dice"]
+    assert len(grid) == 7 * 8 * 7 * 8 == metrics["candidates"]  # 8 component options: off, 3 + 4 on
+    best = grid.loc[grid.dice.idxmax()]  # the first best: components off when they do not help
+    assert tuple(best[list(chosen)]) == tuple(chosen.values())
+    assert grid.dice.max() == pytest.approx(metrics["dice_best"], abs=1e-5)
+    off = grid[~grid.keep_largest & (grid.min_component == 0)]
+    assert off.dice.max() == pytest.approx(metrics["dice_no_components"], abs=1e-5)
+    assert metrics["dice_no_components"] <= metrics["dice_best"]
     for name in ("pixel", "presence", "min_area"):
         profile = pd.read_csv(tmp_path / "reports" / f"dice_vs_{name}.csv")
         assert list(profile.columns) == [name, "dice"] and profile.dice.max() == grid.dice.max()
@@ -221,3 +232,61 @@ def test_duplicate_oof_ids_name_the_file_and_up_to_five_ids(tiny_interim, tiny_p
     assert not (tmp_path / "t.json").exists()
     with pytest.raises(InputError, match="2 OOF id.s. appear more than once, e.g. 1_1, 1_2"):
         tune.train_rows(tiny_interim, np.array(["1_1", "1_2", "1_1", "1_2", "1_3"]))
+
+
+def _object_and_neighbour(spurious: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """10 images of 32x32, each with one predicted object (16 to 100 pixels) and, beside it, a predicted
+    blob of about half its size (8 to 50 pixels). `spurious`: the blob is a false positive on every
+    image; only keep_largest removes it (no size threshold separates the blobs from the objects of
+    other images). Else the blob is a true second object, and keep_largest would cut it."""
+    prob = np.zeros((10, 32, 32), np.float32)
+    truth = np.zeros((10, 32, 32), np.uint8)
+    for i, side in enumerate([4, 5, 5, 6, 7, 7, 8, 9, 9, 10]):
+        prob[i, 2:2 + side, 2:2 + side] = 0.9
+        truth[i, 2:2 + side, 2:2 + side] = 1
+        prob[i, 20:20 + side // 2, 18:18 + side] = 0.8
+        truth[i, 20:20 + side // 2, 18:18 + side] = not spurious
+    return prob, truth, np.full(10, 0.9, np.float32)
+
+
+GATES = TuneParams(pixel_thresholds=(0.5,), presence_thresholds=(0.0, 0.5), min_areas=(0, 20))
+
+
+def test_chooses_keep_largest_when_a_spurious_blob_sits_beside_the_object():
+    prob, truth, presence = _object_and_neighbour(spurious=True)
+    _, chosen, metrics = tune.search(prob, truth, np.arange(10), presence, GATES)
+    assert chosen.keep_largest and chosen.min_component == 0.0
+    assert metrics["dice_best"] == 1.0 > metrics["dice_no_components"]
+    assert metrics["best_keep_largest"] is True
+    # without keep_largest among the candidates no min_component can fix every image
+    _, chosen, metrics = tune.search(prob, truth, np.arange(10), presence,
+                                     dataclasses.replace(GATES, keep_largest=(False,),
+                                                         min_component_fractions=(0.0, 0.01, 0.02, 0.04)))
+    assert not chosen.keep_largest and metrics["dice_best"] < 1.0
+
+
+def test_keeps_components_off_where_they_would_hurt_or_tie():
+    prob, truth, presence = _object_and_neighbour(spurious=False)
+    grid, chosen, metrics = tune.search(prob, truth, np.arange(10), presence, GATES)
+    assert (chosen.keep_largest, chosen.min_component) == (False, 0.0)
+    assert metrics["dice_best"] == metrics["dice_no_components"] == 1.0
+    assert (grid[grid.keep_largest].dice < 1.0).all()           # keep_largest cuts a true object: it hurts
+    small = grid[~grid.keep_largest & (grid.min_component > 0)]  # 0.0005..0.002 x 1024 < 3 pixels: changes nothing
+    assert len(small) and (small.dice == 1.0).all()             # a tie: off wins
+
+
+def test_search_time_with_and_without_components():
+    """The component options cost one labelling per image and pixel threshold, not one per candidate."""
+    import time
+
+    prob, truth, presence = _object_and_neighbour(spurious=True)
+    prob, truth, presence = np.tile(prob, (20, 1, 1)), np.tile(truth, (20, 1, 1)), np.tile(presence, 20)
+    rows = np.arange(len(prob))
+    p = TuneParams(min_areas=(0, 10, 20, 50))
+    start = time.perf_counter()
+    tune.search(prob, truth, rows, presence, dataclasses.replace(p, keep_largest=(False,), min_component_fractions=(0.0,)))
+    off = time.perf_counter() - start
+    start = time.perf_counter()
+    _, chosen, _ = tune.search(prob, truth, rows, presence, p)
+    on = time.perf_counter() - start
+    assert chosen.keep_largest and on < 2.0, (off, on)
