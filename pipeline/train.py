@@ -361,7 +361,7 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
                "val_presence_auc": val["presence_auc"], "seconds": time.perf_counter() - began}
         history.append(row)
         if monitor:
-            row |= monitor.end_epoch(evaluated, alive, history, presence, fold.y_val)
+            row |= monitor.end_epoch(model, alive, history, presence, fold.y_val)
         _log_epoch(live, fold.index, row)
         rt.log(f"fold {fold.index} epoch {epoch + 1}/{t.epochs}: train loss {train_loss:.4f}, val loss "
                f"{val['loss']:.4f}, val Dice {val['dice']:.4f} (tuned gate {val['dice_tuned']:.4f}, all-empty "
