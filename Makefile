@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml
 
 repro: $(STAMP)
 	dvc repro
+	dvc checkout --relink -q  # outputs become links into the DVC cache: one copy on disk, not two
 
 test: $(STAMP)
 	pytest -q
