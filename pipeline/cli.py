@@ -132,10 +132,10 @@ STAGES = (
         _in("manifest", "The cleaned manifest: the rows to train on."),
         _in("augment", "The augment stage's saved pipeline."),
         _in("plan", _PLAN),
-        _out("models", "Folder for fold_K/best.pt (and last.pt while a fold is unfinished).", "persist"),
+        _out("models", "Folder for fold_K/best.pt, and last.pt while a fold trains (done.json once it has finished).", "persist"),
         _out("oof", "Folder for oof.npz (validation probabilities).", "folder"),
         _out("reports", "dvclive folder: metrics.json and per-epoch plots.", "folder"))),
-    Stage("tune", "Pick pixel / presence / min-area thresholds by mean Dice on out-of-fold predictions.", (
+    Stage("tune", "Pick pixel / presence / min-area thresholds and component rules by mean Dice on out-of-fold predictions.", (
         _in("oof", "The train stage's folder with oof.npz."),
         _in("interim", _INTERIM),
         _in("plan", _PLAN),
