@@ -93,6 +93,13 @@ def size_groups(heights: Sequence[int], widths: Sequence[int]) -> list[tuple[tup
     return [((int(unique[g][0]), int(unique[g][1])), np.flatnonzero(inverse.ravel() == g)) for g in order]
 
 
+def size_chunks(heights: Sequence[int], widths: Sequence[int], chunk: int
+                ) -> list[tuple[tuple[int, int], np.ndarray]]:
+    """`size_groups` cut into batches of at most `chunk` images of one native size."""
+    return [(size, positions[start:start + chunk]) for size, positions in size_groups(heights, widths)
+            for start in range(0, len(positions), chunk)]
+
+
 # ---------------------------------------------------------------- CSV tables of text cells
 
 def read_text_csv(path: Path, columns: Sequence[str], hint: str) -> pd.DataFrame:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from pipeline import layouts, rle
 from pipeline.ids import id_sort_key, numeric_ids
 from pipeline.artifacts import (TEST_TRUTH, Thresholds, check_probabilities, open_arrays, read_manifest,
-                                read_thresholds, size_groups)
+                                read_thresholds, size_chunks)
 from pipeline.io import InputError, atomic_path, read_mask, write_json
 from pipeline.metrics import dice_per_image
 from pipeline.checkpoints import CheckpointError, load_checkpoint
@@ -108,9 +108,7 @@ def run(params: Params, *, interim: str | Path, models: str | Path, thresholds: 
 
     encoded: dict[str, str] = {}
     dice, truth_empty = [], []
-    batches = [(size, positions[k:k + p.batch_size])
-               for size, positions in size_groups(test.height.to_numpy(), test.width.to_numpy())
-               for k in range(0, len(positions), p.batch_size)]
+    batches = size_chunks(test.height.to_numpy(), test.width.to_numpy(), p.batch_size)
     for (h, w), part in tqdm(batches, desc="predict test", unit="batch", mininterval=1.0):
         batch_ids = [ids[k] for k in part]
         batch = np.array(images[part])[:, :h, :w]  # a writable copy of the memory-mapped rows, native size

@@ -11,7 +11,7 @@ import random
 import albumentations as A
 import numpy as np
 
-from pipeline.artifacts import size_groups
+from pipeline.artifacts import size_chunks
 from pipeline.model import preprocess
 from pipeline.params import AugmentParams
 
@@ -59,14 +59,12 @@ def working_arrays(images: np.ndarray, masks: np.ndarray, size: tuple[int, int],
     sizes = np.tile(images.shape[1:3], (n, 1)) if sizes is None else np.asarray(sizes).reshape(n, 2)
     xs = np.zeros((n, h, w) + images.shape[3:], np.float32)
     ys = np.zeros((n, h, w), np.uint8)
-    for (native_h, native_w), positions in size_groups(sizes[:, 0], sizes[:, 1]):
-        for start in range(0, len(positions), CHUNK):
-            part = positions[start:start + CHUNK]
-            x = preprocess(np.asarray(images[part])[:, :native_h, :native_w], size, 0.0, 1.0, resize)
-            x = x.permute(0, 2, 3, 1)  # channels last
-            xs[part] = (x[..., 0] if x.shape[-1] == 1 else x).numpy()
-            m = np.asarray(masks[part], dtype=np.uint8)[:, :native_h, :native_w] * np.uint8(255)
-            ys[part] = (preprocess(m, size, 0.0, 1.0, resize)[:, 0] >= 0.5).numpy()
+    for (native_h, native_w), part in size_chunks(sizes[:, 0], sizes[:, 1], CHUNK):
+        x = preprocess(np.asarray(images[part])[:, :native_h, :native_w], size, 0.0, 1.0, resize)
+        x = x.permute(0, 2, 3, 1)  # channels last
+        xs[part] = (x[..., 0] if x.shape[-1] == 1 else x).numpy()
+        m = np.asarray(masks[part], dtype=np.uint8)[:, :native_h, :native_w] * np.uint8(255)
+        ys[part] = (preprocess(m, size, 0.0, 1.0, resize)[:, 0] >= 0.5).numpy()
     return xs, ys
 
 

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.artifacts import (SCORE_COLUMNS, Thresholds, open_arrays, read_manifest, read_oof, read_plan,
-                                size_groups, write_oof_scores, write_thresholds)
+                                size_chunks, write_oof_scores, write_thresholds)
 from pipeline.io import InputError, save_figure, write_csv, write_json
 from pipeline.metrics import dice_from_counts, dice_per_image
 from pipeline.model import to_native
@@ -55,8 +55,7 @@ def _native_chunks(sizes: np.ndarray | None, truth: np.ndarray, n: int, desc: st
     """(native (h, w), positions) in chunks of at most CHUNK images of one size; `sizes` None: every
     image has the size of the truth arrays."""
     sizes = np.tile(truth.shape[1:3], (n, 1)) if sizes is None else sizes
-    chunks = [(size, positions[start:start + CHUNK]) for size, positions in size_groups(sizes[:, 0], sizes[:, 1])
-              for start in range(0, len(positions), CHUNK)]
+    chunks = size_chunks(sizes[:, 0], sizes[:, 1], CHUNK)
     return tqdm(chunks, desc=desc, unit="chunk", mininterval=1.0) if desc else chunks
 
 
