@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,6 +148,25 @@ def _gray(path: Path) -> np.ndarray:
     return read_image(path, "gray")[0]
 
 
+def scaled_variant(source: Variant, dst: Path, scale: float) -> Variant:
+    """Every image of `source` resized by `scale` into `dst` (area-averaged image, nearest-neighbour 0/255 mask).
+
+    Both methods then train on and predict the same smaller images and are scored at that size, so
+    CPU runs of nnU-Net (which otherwise plans full-resolution patches) fit in minutes."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    for split, base in (("train", dst), ("test", dst / "test")):
+        (base / "images").mkdir(parents=True)
+        (base / "masks").mkdir(parents=True)
+        for stem, image_path, mask_path in source.pairs(split):
+            image = Image.fromarray(_gray(image_path))
+            size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+            image.resize(size, Image.Resampling.BOX).save(base / "images" / f"{stem}.png")
+            mask = Image.fromarray((source.truth(mask_path) * 255).astype(np.uint8))
+            mask.resize(size, Image.Resampling.NEAREST).save(base / "masks" / f"{stem}.png")
+    return Variant(dst, None)
+
+
 def _windows(image: np.ndarray, mask: np.ndarray, size: int, positives: int, negatives: int,
              rng: np.random.Generator) -> list[tuple[str, int, int]]:
     """Top-left corners of windows: `positives` holding the whole nerve, `negatives` holding none of it.
@@ -174,12 +194,11 @@ def _windows(image: np.ndarray, mask: np.ndarray, size: int, positives: int, neg
     return out
 
 
-def empty_rich_variant(src: Path, dst: Path, seed: int = 0, size: int = 256, positives: int = 2,
+def empty_rich_variant(source: Variant, dst: Path, seed: int = 0, size: int = 256, positives: int = 2,
                        negatives: int = 3) -> Variant:
-    """Cut windows from every image of `src` into `dst` (0/255 masks): about negatives/(positives+negatives)
+    """Cut windows from every image of `source` into `dst` (0/255 masks): about negatives/(positives+negatives)
     empty. Train windows only from `images/`, test windows only from `test/images/`, so no source image is
     on both sides; `groups.csv` gives each train window its source image as group."""
-    source = full_variant(src)
     if dst.exists():
         shutil.rmtree(dst)
     rng = np.random.default_rng(seed)
@@ -211,13 +230,29 @@ def describe(variant: Variant) -> str:
 
 # ----------------------------------------------------------------------------- this pipeline
 
-def our_params(variant: Variant, seed: int, folds: int) -> Params:
+def with_overrides(p: Params, overrides: list[str]) -> Params:
+    """`section.key=value` settings (value parsed as YAML) applied to `p` and validated like params.yaml."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot and hasattr(p, section) and hasattr(getattr(p, section), name)):
+            sys.exit(f"error: --set {item!r}: expected section.key=value with a params.yaml key")
+        try:  # pydantic dataclasses validate on replace
+            p = dataclasses.replace(p, **{section: dataclasses.replace(getattr(p, section),
+                                                                       **{name: yaml.safe_load(value)})})
+        except ValueError as exc:
+            sys.exit(f"error: --set {item!r}: {exc}")
+    return p
+
+
+def our_params(variant: Variant, seed: int, folds: int, overrides: list[str] = ()) -> Params:
     base = Params()
     data = dataclasses.replace(base.data, raw_dir=str(variant.raw), layout="folders", foreground=variant.foreground,
                                group_column="group" if variant.group_csv else None,
                                csv_file=variant.group_csv or base.data.csv_file, id_column="id")
-    return dataclasses.replace(base, seed=seed, data=data,
-                               train=dataclasses.replace(base.train, folds=folds, train_folds=folds))
+    p = dataclasses.replace(base, seed=seed, data=data,
+                            train=dataclasses.replace(base.train, folds=folds, train_folds=folds))
+    return with_overrides(p, list(overrides))
 
 
 def _fold_steps(manifest: Path, n_rows: int, folds: int, batch: int, seed: int) -> int:
@@ -232,12 +267,12 @@ def _fold_steps(manifest: Path, n_rows: int, folds: int, batch: int, seed: int) 
 
 
 def run_ours(variant: Variant, seed: int, folds: int, budget: int, root: Path,
-             epochs: int | None) -> dict:
+             epochs: int | None, overrides: list[str] = ()) -> dict:
     """The stage chain under `root`; returns scores, image-steps and seconds."""
     if root.exists():
         shutil.rmtree(root)  # train resumes a matching run hash: start clean
     root.mkdir(parents=True)
-    p = our_params(variant, seed, folds)
+    p = our_params(variant, seed, folds, overrides)
     clock = Clock()
     interim, plan_json = root / "interim", root / "plan.json"
     load.run(p, raw=variant.raw, out=interim, metrics=root / "load.json", fingerprint=root / "fingerprint.json")
@@ -380,7 +415,7 @@ def run_nnunet(variant: Variant, seed: int, budget: int, work: Path, epochs: int
 # ----------------------------------------------------------------------------- main
 
 def _table(rows: dict[str, dict]) -> str:
-    ours, peer = rows["this pipeline"], rows["nnU-Net v2 2d"]
+    ours, peer = rows["this pipeline"], rows.get("nnU-Net v2 2d")
     lines = ["| method | test Dice | test IoU | image-steps | train s (wall) | train s (CPU) | total s (wall) "
              "| total s (CPU) |", "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
@@ -389,6 +424,9 @@ def _table(rows: dict[str, dict]) -> str:
 
     empty = ours["empty_truths"] / ours["images"]  # an all-empty prediction scores 1 on these, 0 elsewhere
     lines.append(f"| all-empty prediction (baseline) | {empty:.4f} | {empty:.4f} | 0 | - | - | - | - |")
+
+    if peer is None:
+        return "\n".join(lines)
 
     def ratio(key: str, fmt: str) -> str:
         return format(ours[key] / peer[key], fmt) if peer[key] else "-"
@@ -408,52 +446,71 @@ def main() -> None:
     ap.add_argument("--folds", type=int, default=4, help="our folds (all trained, averaged at prediction)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_peer"), help="scratch folder outside the repo")
     ap.add_argument("--install", action="store_true", help="pip install nnunetv2 (the `peer` extra) when missing")
-    ap.add_argument("--our-epochs", type=int, help="override: our epochs (breaks the equal budget)")
+    ap.add_argument("--our-epochs", type=int, help="our epochs instead of --budget (nnU-Net still gets the image-steps ours took)")
     ap.add_argument("--nnunet-epochs", type=int, help="override: nnU-Net epochs")
     ap.add_argument("--nnunet-iterations", type=int, help="override: nnU-Net iterations per epoch "
                                                           "(with --nnunet-epochs it breaks the equal budget)")
     ap.add_argument("--no-nnunet-tta", action="store_true", help="predict without nnU-Net's mirroring TTA")
-    ap.add_argument("--window", type=int, default=256, help="empty-rich: window side, pixels")
+    ap.add_argument("--window", type=int, help="empty-rich: window side in pixels of the scaled images "
+                                                 "(default 256 x --scale)")
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="resize every image by this factor first, for both methods (0.25 fits a CPU)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a params.yaml setting for this pipeline only, e.g. train.loss=lovasz (repeatable)")
+    ap.add_argument("--ours-only", action="store_true", help="skip nnU-Net (technique comparisons)")
     args = ap.parse_args()
 
     work = args.work.resolve()
     if work == REPO or REPO in work.parents:
         sys.exit(f"--work {work} is inside the repository: use a folder outside it")
+    if not 0 < args.scale <= 1:
+        sys.exit(f"error: --scale {args.scale}: expected a factor in (0, 1]")
     work.mkdir(parents=True, exist_ok=True)
-    ensure_nnunet(args.install)
-    data = args.data.resolve()
-    variant = (full_variant(data) if args.variant == "full"
-               else empty_rich_variant(data, work / "empty_rich", seed=0, size=args.window))
-    print(f"Data: {CREDIT}. Variant {args.variant}: {describe(variant)}", flush=True)
-    nnunet_raw(variant, work)
+    if not args.ours_only:
+        ensure_nnunet(args.install)
+    variant = full_variant(args.data.resolve())
+    if args.scale != 1:
+        variant = scaled_variant(variant, work / "scaled", args.scale)
+    if args.variant == "empty-rich":
+        window = args.window or round(256 * args.scale)
+        variant = empty_rich_variant(variant, work / "empty_rich", seed=0, size=window)
+    print(f"Data: {CREDIT}. Variant {args.variant}, scale {args.scale}: {describe(variant)}", flush=True)
+    if not args.ours_only:
+        nnunet_raw(variant, work)
     preprocessed: dict = {}
     tables: dict[int, dict[str, dict]] = {}
     for seed in args.seeds:
         began = time.perf_counter()
-        ours = run_ours(variant, seed, args.folds, args.budget, work / "ours" / f"seed_{seed}", args.our_epochs)
-        # equal budget: nnU-Net gets the image-steps ours actually took, unless overridden
-        peer = run_nnunet(variant, seed, ours["image_steps"], work, args.nnunet_epochs, args.nnunet_iterations,
-                          not args.no_nnunet_tta, preprocessed)
-        tables[seed] = rows = {"this pipeline": ours, "nnU-Net v2 2d": peer}
-        print(f"\nseed {seed} ({time.perf_counter() - began:.0f} s), {args.variant}, "
-              f"{rows['this pipeline']['images']} test images "
-              f"({rows['this pipeline']['empty_truths']} empty)\n\n{_table(rows)}\n")
+        ours = run_ours(variant, seed, args.folds, args.budget, work / "ours" / f"seed_{seed}", args.our_epochs,
+                        args.overrides)
+        rows = {"this pipeline": ours}
+        if not args.ours_only:  # equal budget: nnU-Net gets the image-steps ours actually took, unless overridden
+            rows["nnU-Net v2 2d"] = run_nnunet(variant, seed, ours["image_steps"], work, args.nnunet_epochs,
+                                               args.nnunet_iterations, not args.no_nnunet_tta, preprocessed)
+        tables[seed] = rows
+        print(f"\nseed {seed} ({time.perf_counter() - began:.0f} s), {args.variant}, scale {args.scale}, "
+              f"{ours['images']} test images ({ours['empty_truths']} empty), "
+              f"ours with {args.overrides or 'defaults'}\n\n{_table(rows)}\n")
         for name, r in rows.items():
             print(f"- {name}: {r['detail']}")
         print(flush=True)
-        write_json(work / f"results_{args.variant}_seed_{seed}.json", rows)
+        write_json(work / f"results_{args.variant}_seed_{seed}.json",
+                   {"variant": args.variant, "scale": args.scale, "budget": args.budget, "seed": seed,
+                    "overrides": args.overrides, "rows": rows})
     if len(tables) > 1:
-        print(f"mean over {len(tables)} seeds (min-max)\n\n| method | test Dice | test IoU | train s (CPU) |\n|---|---|---|---|")
-        for name in ("this pipeline", "nnU-Net v2 2d"):
+        print(f"mean over {len(tables)} seeds (min-max)\n\n| method | test Dice | test IoU | train s (CPU) |\n"
+              "|---|---|---|---|")
+        for name in rows:
             cells = []
             for key, fmt in (("dice", ".4f"), ("iou", ".4f"), ("train_cpu", ".0f")):
                 v = np.array([t[name][key] for t in tables.values()])
                 cells.append(f"{v.mean():{fmt}} ({v.min():{fmt}}-{v.max():{fmt}})")
             print(f"| {name} | {' | '.join(cells)} |")
-        ratio = np.array([t["this pipeline"]["dice"] / t["nnU-Net v2 2d"]["dice"] for t in tables.values()
-                          if t["nnU-Net v2 2d"]["dice"]])
-        if len(ratio):
-            print(f"| Dice ratio ours / nnU-Net | {ratio.mean():.3f} ({ratio.min():.3f}-{ratio.max():.3f}) | | |")
+        if not args.ours_only:
+            ratio = np.array([t["this pipeline"]["dice"] / t["nnU-Net v2 2d"]["dice"] for t in tables.values()
+                              if t["nnU-Net v2 2d"]["dice"]])
+            if len(ratio):
+                print(f"| Dice ratio ours / nnU-Net | {ratio.mean():.3f} ({ratio.min():.3f}-{ratio.max():.3f}) | | |")
     print(f"\nData: {CREDIT}.")
 
 

@@ -1,0 +1,103 @@
+"""The peer benchmark's own data handling: windows, scaling, overrides and scoring (no training here)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.io import read_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_peer", ROOT / "benchmarks" / "bench_peer.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_peer"] = module  # its dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("bench_peer", None)
+
+
+def _palette_dataset(root: Path, n_train: int = 3, n_test: int = 2, size=(120, 100)) -> Path:
+    """USGRA-seg's layout: gray images, palette masks with nerve = 1 and vessel = 2."""
+    rng = np.random.default_rng(0)
+    for base, n in ((root, n_train), (root / "test", n_test)):
+        (base / "images").mkdir(parents=True)
+        (base / "masks").mkdir(parents=True)
+        for i in range(n):
+            h, w = size
+            image = rng.integers(20, 255, (h, w), dtype=np.uint8)
+            labels = np.zeros((h, w), np.uint8)
+            labels[40 + i:60 + i, 30:50] = 1
+            labels[10:20, 70:80] = 2
+            Image.fromarray(image).save(base / "images" / f"{i + 10 * (base != root)}.png")
+            mask = Image.fromarray(labels, mode="P")
+            mask.putpalette([0, 0, 0, 255, 0, 0, 0, 0, 255] + [0] * 759)
+            mask.save(base / "masks" / f"{i + 10 * (base != root)}.png")
+    return root
+
+
+def test_windows_hold_the_whole_nerve_or_none_of_it(bench):
+    rng = np.random.default_rng(1)
+    image = np.full((100, 120), 128, np.uint8)
+    mask = np.zeros((100, 120), bool)
+    mask[40:55, 50:70] = True
+    corners = bench._windows(image, mask, 32, positives=3, negatives=4, rng=rng)
+    kinds = [k for k, _, _ in corners]
+    assert kinds.count("p") == 3 and kinds.count("n") == 4
+    for kind, y, x in corners:
+        inside = mask[y:y + 32, x:x + 32].sum()
+        assert inside == (mask.sum() if kind == "p" else 0)
+
+
+def test_no_positive_window_when_the_nerve_does_not_fit(bench):
+    mask = np.zeros((100, 120), bool)
+    mask[10:90, 10:20] = True  # 80 rows tall, window 32
+    corners = bench._windows(np.full((100, 120), 128, np.uint8), mask, 32, 2, 2, np.random.default_rng(0))
+    assert all(kind == "n" for kind, _, _ in corners)
+
+
+def test_scaled_then_windowed_variant_keeps_the_split_and_groups(bench, tmp_path):
+    src = bench.full_variant(_palette_dataset(tmp_path / "src"))
+    scaled = bench.scaled_variant(src, tmp_path / "scaled", 0.5)
+    for stem, image_path, mask_path in scaled.pairs("train"):
+        assert Image.open(image_path).size == (50, 60)  # (w, h) of 120 rows x 100 columns, halved
+        truth = scaled.truth(mask_path)
+        assert truth.shape == (60, 50) and 80 <= truth.sum() <= 120  # 20x20 nerve at half size; vessel dropped
+    windows = bench.empty_rich_variant(scaled, tmp_path / "windows", size=32, positives=1, negatives=2)
+    train_ids = {stem for stem, _, _ in windows.pairs("train")}
+    test_ids = {stem for stem, _, _ in windows.pairs("test")}
+    groups = pd.read_csv(tmp_path / "windows" / "groups.csv", dtype=str)
+    assert set(groups.id) == train_ids
+    assert set(groups.group) <= {"0", "1", "2"}  # train sources only
+    assert all(stem.split("_")[0] in {"10", "11"} for stem in test_ids)
+    for stem, _, mask_path in windows.pairs("train"):
+        assert read_mask(mask_path).any() == ("_p" in stem)
+
+
+def test_overrides_set_our_params_and_refuse_unknown_keys(bench):
+    base = bench.our_params(bench.full_variant(Path("/data")), 7, 4, ["train.loss=lovasz", "tune.keep_largest=[false]"])
+    assert base.train.loss == "lovasz" and base.tune.keep_largest == (False,) and base.seed == 7
+    with pytest.raises(SystemExit, match="train.nope"):
+        bench.with_overrides(base, ["train.nope=1"])
+    with pytest.raises(SystemExit, match="train.loss"):
+        bench.with_overrides(base, ["train.loss=hinge"])
+
+
+def test_score_counts_empty_vs_empty_as_one_and_needs_every_image(bench):
+    empty, full = np.zeros((4, 4), bool), np.ones((4, 4), bool)
+    half = np.zeros((4, 4), bool)
+    half[:2] = True
+    result = bench.score({"a": empty, "b": half}, {"a": empty, "b": full})
+    assert result["dice"] == pytest.approx((1 + 2 * 8 / 24) / 2)
+    assert result["iou"] == pytest.approx((1 + 0.5) / 2)
+    assert result["empty_truths"] == 1
+    with pytest.raises(RuntimeError, match="no prediction"):
+        bench.score({"a": empty}, {"a": empty, "b": full})
