@@ -85,21 +85,21 @@ def _truth(raw_dir: str | Path, data: DataParams, ids: list[str], shapes: dict[s
 def run(params: Params, *, interim: str | Path, models: str | Path, thresholds: str | Path, raw: str | Path,
         out: str | Path, metrics: str | Path) -> dict[str, float]:
     """Write the validated submission to `out` and the summary to `metrics`."""
-    p, data, interim_dir, models_dir, thresholds_path = params.predict, params.data, interim, models, thresholds
-    gates: Thresholds = read_thresholds(thresholds_path)
-    manifest = read_manifest(interim_dir)
+    p, data = params.predict, params.data
+    gates: Thresholds = read_thresholds(thresholds)
+    manifest = read_manifest(interim)
     test = manifest[manifest.split == "test"].sort_values("row")
-    images, _ = open_arrays(interim_dir, "test")
+    images, _ = open_arrays(interim, "test")
     if len(test) != len(images):
-        raise InputError(f"{interim_dir}: manifest lists {len(test)} test images, test_images.npy holds {len(images)}")
+        raise InputError(f"{interim}: manifest lists {len(test)} test images, test_images.npy holds {len(images)}")
     ids = test.id.tolist()
     numeric = numeric_ids(data)
-    rle.check_ids(ids, numeric, f"{Path(interim_dir) / 'manifest.csv'} (test images)")  # before any model runs
+    rle.check_ids(ids, numeric, f"{Path(interim) / 'manifest.csv'} (test images)")  # before any model runs
     shapes = {i: (int(h), int(w)) for i, h, w in zip(ids, test.height, test.width)}
     order, start = ("F" if data.rle_order == "column" else "C"), data.rle_start
     truth = _truth(raw, data, ids, shapes)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ensemble = Ensemble(models_dir, device)
+    ensemble = Ensemble(models, device)
     channels = 1 if images.ndim == 3 else images.shape[3]
     for path, c in ensemble.channels.items():
         if c != channels:
@@ -115,7 +115,7 @@ def run(params: Params, *, interim: str | Path, models: str | Path, thresholds: 
         mask_prob, presence = ensemble(batch, p.tta_flip)
         native, presence = to_native(mask_prob, (h, w), ensemble.resize).cpu().numpy(), presence.cpu().numpy()
         for name, values in (("mask", native), ("presence", presence)):  # NaN would silently mean "empty"
-            check_probabilities(values, f"{models_dir}: {name} probabilities of the test images", batch_ids)
+            check_probabilities(values, f"{models}: {name} probabilities of the test images", batch_ids)
         masks = apply(native, presence, gates)
         encoded.update((i, rle.encode(m, order, start)) for i, m in zip(batch_ids, masks))
         if truth is not None:

@@ -423,30 +423,28 @@ def run(params: Params, *, interim: str | Path, manifest: str | Path, augment: s
     """Train `train.train_folds` of `train.folds` subject-grouped folds; returns the final metrics (rank 0)."""
     params = read_plan(plan).apply(params)
     t, seed, d = params.train, params.seed, params.diagnostics
-    interim_dir, manifest_path, augment_path, models_dir, oof_dir, reports_dir = (
-        interim, manifest, augment, models, oof, reports)
     began = time.perf_counter()
     check_encoder(t.encoder)  # a typo fails here, before loading data or joining torchrun's group
     rt = setup_runtime(t)
     rt.log(rt.describe())
     try:
-        images, masks = open_arrays(interim_dir, "train")
-        table = read_training_manifest(manifest_path, len(images))
+        images, masks = open_arrays(interim, "train")
+        table = read_training_manifest(manifest, len(images))
         rows = table.row.to_numpy()
-        transform = load_augmentation(augment_path)
+        transform = load_augmentation(augment)
         norm = pixel_stats(images[rows])
         x, y = working_arrays(images[rows], masks[rows], (t.height, t.width), table[["height", "width"]].to_numpy(),
                               t.resize)
         folds = subject_folds(table.subject.to_numpy(), t.folds, seed)
-        run_hash = _run_hash(t, seed, norm, Path(augment_path).read_bytes(), table.id.tolist(), x, y, folds)
-        live = _open_live(reports_dir) if rt.main else None
+        run_hash = _run_hash(t, seed, norm, Path(augment).read_bytes(), table.id.tolist(), x, y, folds)
+        live = _open_live(reports) if rt.main else None
         oof_rows, oof_probs, oof_presence, per_fold = [], [], [], {}
         for k in range(t.train_folds):
             val = np.flatnonzero(folds == k)
             tr = np.flatnonzero(folds != k)
             fold = Fold(k, x[tr], y[tr], x[val], y[val], norm, run_hash)
-            probs, presence, info = fit_fold(fold, transform, t, seed, Path(models_dir) / f"fold_{k}", rt, live,
-                                             d, Path(reports_dir) / "diagnostics")
+            probs, presence, info = fit_fold(fold, transform, t, seed, Path(models) / f"fold_{k}", rt, live,
+                                             d, Path(reports) / "diagnostics")
             oof_rows.append(val)
             oof_probs.append(probs)
             oof_presence.append(presence)
@@ -456,7 +454,7 @@ def run(params: Params, *, interim: str | Path, manifest: str | Path, augment: s
         val_rows = np.concatenate(oof_rows)
         probs, presence = np.concatenate(oof_probs), np.concatenate(oof_presence)
         ids = table.id.to_numpy()[val_rows].astype(str)
-        write_oof(oof_dir, ids=ids, mask_prob=probs, presence_prob=presence)
+        write_oof(oof, ids=ids, mask_prob=probs, presence_prob=presence)
         overall = evaluate(probs, presence, y[val_rows])
         seconds = time.perf_counter() - began
         summary = {**{k: round(v, 4) for k, v in overall.items()},
