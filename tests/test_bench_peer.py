@@ -1,5 +1,6 @@
 """The peer benchmark's own data handling: windows, scaling, overrides and scoring (no training here)."""
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -101,3 +102,20 @@ def test_score_counts_empty_vs_empty_as_one_and_needs_every_image(bench):
     assert result["empty_truths"] == 1
     with pytest.raises(RuntimeError, match="no prediction"):
         bench.score({"a": empty}, {"a": empty, "b": full})
+
+
+def test_plot_groups_runs_by_our_budget_and_leaves_technique_runs_out(tmp_path):
+    spec = importlib.util.spec_from_file_location("plot_peer", ROOT / "benchmarks" / "plot_peer.py")
+    plot_peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_peer)
+    rows = {"this pipeline": {"image_steps": 4608, "dice": 0.4, "images": 10, "empty_truths": 6},
+            "nnU-Net v2 2d": {"image_steps": 4680, "dice": 0.3, "images": 10, "empty_truths": 6}}
+    paths = []
+    for i, overrides in enumerate(([], [], ["train.loss=lovasz"])):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps({"variant": "full", "overrides": overrides, "rows": rows}))
+    data = plot_peer.collect(paths)
+    assert data["full"]["nnU-Net v2 2d"] == [(4608, 0.3), (4608, 0.3)]  # nnU-Net plotted at our budget
+    assert data["full"]["all-empty"] == [(0, 0.6), (0, 0.6)]
+    plot_peer.plot(data, tmp_path / "out" / "peer.png")
+    assert Image.open(tmp_path / "out" / "peer.png").size[0] > 100
