@@ -255,12 +255,12 @@ def our_params(variant: Variant, seed: int, folds: int, overrides: list[str] = (
     return with_overrides(p, list(overrides))
 
 
-def _fold_steps(manifest: Path, n_rows: int, folds: int, batch: int, seed: int) -> int:
-    """Images per epoch summed over the trained folds: floor(n / batch) x batch (drop_last), n when n <= batch."""
+def _fold_steps(manifest: Path, n_rows: int, folds: int, trained: int, batch: int, seed: int) -> int:
+    """Images per epoch summed over the `trained` folds: floor(n / batch) x batch (drop_last), n when n <= batch."""
     table = read_training_manifest(manifest, n_rows)
     assign = train.subject_folds(table.subject.to_numpy(), folds, seed)
     total = 0
-    for k in range(folds):
+    for k in range(trained):
         n = int((assign != k).sum())
         total += n if n <= batch else (n // batch) * batch
     return total
@@ -282,7 +282,7 @@ def run_ours(variant: Variant, seed: int, folds: int, budget: int, root: Path,
               metrics=root / "clean.json")
     batch = read_plan(plan_json).apply(p).train.batch_size
     n_rows = len(pd.read_csv(interim / "manifest.csv").query("split == 'train'"))
-    per_epoch = _fold_steps(root / "processed" / "manifest.csv", n_rows, folds, batch, seed)
+    per_epoch = _fold_steps(root / "processed" / "manifest.csv", n_rows, folds, p.train.train_folds, batch, seed)
     if epochs is None:
         epochs = max(1, round(budget / per_epoch))
     p = dataclasses.replace(p, train=dataclasses.replace(p.train, epochs=epochs))
@@ -308,8 +308,8 @@ def run_ours(variant: Variant, seed: int, folds: int, budget: int, root: Path,
         preds[stem] = rle.decode(encoded.get(stem, ""), truths[stem].shape, order, p.data.rle_start)
     return {**score(preds, truths), "image_steps": per_epoch * epochs, "train_wall": train_wall,
             "train_cpu": train_cpu, "wall": wall, "cpu": cpu,
-            "detail": f"{folds} folds x {epochs} epochs, batch {batch}, {per_epoch} image-steps/epoch (all folds); "
-                      f"OOF Dice {trained.get('dice')}, predict's own test Dice {summary.get('test_dice')}"}
+            "detail": f"{p.train.train_folds} of {folds} folds x {epochs} epochs, batch {batch}, "
+                      f"{per_epoch} image-steps/epoch (trained folds); OOF Dice {trained.get('dice')}, predict's own test Dice {summary.get('test_dice')}"}
 
 
 # ----------------------------------------------------------------------------- nnU-Net v2
