@@ -44,6 +44,7 @@ def plot(data: dict[str, dict[str, list[tuple[int, float]]]], out: Path) -> None
     variants = sorted(data)
     fig, axes = plt.subplots(1, len(variants), figsize=(5.2 * len(variants), 4), squeeze=False)
     for ax, variant in zip(axes[0], variants):
+        ax.set_xscale("log")
         for method, points in sorted(data[variant].items()):
             if method == "all-empty":
                 ax.axhline(points[0][1], ls="--", c="grey", lw=1, label="all-empty submission")
@@ -53,8 +54,8 @@ def plot(data: dict[str, dict[str, list[tuple[int, float]]]], out: Path) -> None
             budgets = np.unique(steps)
             ax.plot(budgets, [dice[steps == b].mean() for b in budgets], c=line.get_facecolor()[0], marker="_",
                     ms=14, label=f"{method} (mean; dots: seeds)")
-            ax.set_xticks(budgets, [f"{b:,.0f}" for b in budgets])
-        ax.set_xscale("log")
+        budgets = sorted({b for m, points in data[variant].items() if m != "all-empty" for b, _ in points})
+        ax.set_xticks(budgets, [f"{b:,}" for b in budgets])
         ax.minorticks_off()
         ax.set_xlabel("training image-steps, both methods (log)")
         ax.set_ylabel("test Dice (empty vs empty = 1)")
