@@ -219,13 +219,15 @@ def test_a_signal_during_the_commit_takes_effect_after_it(tmp_path, monkeypatch,
         raise SystemExit(128 + signum)
 
     monkeypatch.setattr(os, "replace", signalled)
-    previous = signal.signal(signal.SIGTERM, stop)
+    # Python's own SIGINT handler, set here: a shell's background job starts with SIGINT ignored
+    previous = signal.signal(signal.SIGTERM, stop), signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt if sig == signal.SIGINT else SystemExit):
             with stage_commit("dedup"):
                 _three_outputs(tmp_path, "new")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
     assert _contents(tmp_path) == ["new"] * 3
     assert sorted(tmp_path.rglob(".*.tmp")) == []
 
