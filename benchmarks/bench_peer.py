@@ -132,7 +132,7 @@ class Variant:
     group_csv: str | None = None  # id,group table in `raw` (windows of one source image share a group)
 
     def pairs(self, split: str) -> list[tuple[str, Path, Path]]:
-        base = self.raw if split == "train" else self.raw / "test"
+        base = split_root(self.raw, split)
         return [(p.stem, p, base / "masks" / p.name) for p in sorted((base / "images").glob("*.png"))]
 
     def truth(self, path: Path) -> np.ndarray:
@@ -148,16 +148,29 @@ def _gray(path: Path) -> np.ndarray:
     return read_image(path, "gray")[0]
 
 
+def split_root(root: Path, split: str) -> Path:
+    """Where a split's `images/` and `masks/` lie in the `folders` layout."""
+    return root if split == "train" else root / "test"
+
+
+def _fresh_layout(dst: Path) -> tuple[str, ...]:
+    """Empty `images/` and `masks/` folders for both splits under `dst` (a scratch folder under --work)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    splits = ("train", "test")
+    for split in splits:
+        (split_root(dst, split) / "images").mkdir(parents=True)
+        (split_root(dst, split) / "masks").mkdir(parents=True)
+    return splits
+
+
 def scaled_variant(source: Variant, dst: Path, scale: float) -> Variant:
     """Every image of `source` resized by `scale` into `dst` (area-averaged image, nearest-neighbour 0/255 mask).
 
     Both methods then train on and predict the same smaller images and are scored at that size, so
     CPU runs of nnU-Net (which otherwise plans full-resolution patches) fit in minutes."""
-    if dst.exists():
-        shutil.rmtree(dst)
-    for split, base in (("train", dst), ("test", dst / "test")):
-        (base / "images").mkdir(parents=True)
-        (base / "masks").mkdir(parents=True)
+    for split in _fresh_layout(dst):
+        base = split_root(dst, split)
         for stem, image_path, mask_path in source.pairs(split):
             image = Image.fromarray(_gray(image_path))
             size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
@@ -199,13 +212,10 @@ def empty_rich_variant(source: Variant, dst: Path, seed: int = 0, size: int = 25
     """Cut windows from every image of `source` into `dst` (0/255 masks): about negatives/(positives+negatives)
     empty. Train windows only from `images/`, test windows only from `test/images/`, so no source image is
     on both sides; `groups.csv` gives each train window its source image as group."""
-    if dst.exists():
-        shutil.rmtree(dst)
     rng = np.random.default_rng(seed)
     groups = []
-    for split, base in (("train", dst), ("test", dst / "test")):
-        (base / "images").mkdir(parents=True)
-        (base / "masks").mkdir(parents=True)
+    for split in _fresh_layout(dst):
+        base = split_root(dst, split)
         for stem, image_path, mask_path in source.pairs(split):
             image, mask = _gray(image_path), source.truth(mask_path)
             for k, (kind, y, x) in enumerate(_windows(image, mask, size, positives, negatives, rng)):

@@ -223,8 +223,8 @@ def test_stage_writes_checkpoints_oof_and_dvclive_metrics(inputs, trained) -> No
     assert summary["dice"] == metrics["dice"]
 
 
-def test_resume_after_interruption_ends_with_the_same_weights(inputs, trained, tmp_path, monkeypatch,
-                                                              capsys) -> None:
+def _interrupted_in_epoch_two(monkeypatch, t, inputs, out) -> None:
+    """Run train with a KeyboardInterrupt in the second epoch, then put the real epoch back."""
     real, calls = train.train_epoch, []
 
     def killed_in_epoch_two(*args, **kwargs):
@@ -235,10 +235,15 @@ def test_resume_after_interruption_ends_with_the_same_weights(inputs, trained, t
 
     monkeypatch.setattr(train, "train_epoch", killed_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        _run(TINY, inputs, tmp_path)
+        _run(t, inputs, out)
+    monkeypatch.setattr(train, "train_epoch", real)
+
+
+def test_resume_after_interruption_ends_with_the_same_weights(inputs, trained, tmp_path, monkeypatch,
+                                                              capsys) -> None:
+    _interrupted_in_epoch_two(monkeypatch, TINY, inputs, tmp_path)
     killed = torch.load(tmp_path / "models" / "fold_0" / "last.pt", weights_only=True)
     assert killed["epoch"] == 1 and {"optimizer", "scheduler", "rng"} <= set(killed)  # mid-fold: all to resume
-    monkeypatch.setattr(train, "train_epoch", real)
     _run(TINY, inputs, tmp_path)
     assert "resuming after epoch 1 of 2" in capsys.readouterr().err
     assert not (tmp_path / "models" / "fold_0" / "last.pt").exists()  # finished: removed
@@ -261,7 +266,7 @@ def test_ema_saves_the_average_and_resumes_to_the_same_weights(inputs, trained, 
     """With train.ema on, best.pt holds the weight average (not the trained weights), and a run killed
     after epoch 1 resumes with the average's state from last.pt, ending bit-identical."""
     t = dataclasses.replace(TINY, ema=0.9)
-    real, calls, raw = train.train_epoch, [], []
+    real, raw = train.train_epoch, []
 
     def keep_raw(*args, **kwargs):
         loss = real(*args, **kwargs)
@@ -276,18 +281,10 @@ def test_ema_saves_the_average_and_resumes_to_the_same_weights(inputs, trained, 
     assert any(not torch.equal(v, trained_then[k]) for k, v in whole["model"].items()
                if v.is_floating_point())  # the average, not the trained weights
 
-    def killed_in_epoch_two(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_epoch", killed_in_epoch_two)
-    with pytest.raises(KeyboardInterrupt):
-        _run(t, inputs, tmp_path / "cut")
+    monkeypatch.setattr(train, "train_epoch", real)
+    _interrupted_in_epoch_two(monkeypatch, t, inputs, tmp_path / "cut")
     killed = torch.load(tmp_path / "cut" / "models" / "fold_0" / "last.pt", weights_only=True)
     assert killed["ema"]["updates"] > 0 and killed["ema"]["model"].keys() == killed["model"].keys()
-    monkeypatch.setattr(train, "train_epoch", real)
     _run(t, inputs, tmp_path / "cut")
     cut = torch.load(tmp_path / "cut" / "models" / "fold_0" / "best.pt", weights_only=True)
     assert cut["epoch"] == whole["epoch"]
