@@ -140,20 +140,26 @@ def test_ema_follows_the_weights_by_hand_with_buffers_and_warm_up() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     ema = train.Ema(model, 0.99)
-    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = {k: v.clone() for k, v in initial.items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     for n in range(3):
-        model(torch.randn(8, 3)).pow(2).mean().backward()  # training mode: BatchNorm statistics move too
+        (model(torch.randn(8, 3)) - 1).pow(2).mean().backward()  # training mode: BatchNorm statistics move too
         optimizer.step()
         optimizer.zero_grad()
         ema.update(model)
         d = min(0.99, (1 + n) / (10 + n))
         for k, v in model.state_dict().items():
             expected[k] = d * expected[k] + (1 - d) * v if v.is_floating_point() else v.clone()
+    moved = [k for k, v in model.state_dict().items()
+             if v.is_floating_point() and (v - initial[k]).abs().max() > 1e-3]
+    # BatchNorm normalises the Linear output, so the Linear layer gets (almost) no gradient: whether
+    # its weights move at all is down to rounding, which differs between CPUs. Check the rest.
+    assert {"1.weight", "1.bias", "1.running_mean", "1.running_var"} <= set(moved)
     for k, v in ema.model.state_dict().items():
         assert torch.allclose(v, expected[k], atol=1e-6), k
-        if v.is_floating_point():
-            assert not torch.equal(v, model.state_dict()[k]), k  # an average, not the weights
+        if k in moved:  # an average, not the weights: it lags behind them by far more than rounding
+            assert (v - model.state_dict()[k]).abs().max() > 1e-4, k
     assert ema.model.state_dict()["1.num_batches_tracked"] == 3
     again = train.Ema(model, 0.99)
     again.load_state_dict(ema.state_dict())
