@@ -1,12 +1,12 @@
 """Benchmark: the dedup stage's near-duplicate search vs the straightforward recipe.
 
 Generates full-size 420x580 synthetic ultrasound frames (default 5,000; subjects from
-`pipeline.synth`, cheap per-frame variants: shift + pooled speckle, and near-identical
+`pipeline.stages.synth`, cheap per-frame variants: shift + pooled speckle, and near-identical
 twins of the previous frame), then finds all pairs with cosine distance < 0.008 over
 the whole set (global scope, as `pdist` compares everything) two ways:
   naive: per-block `np.histogram` loop, `scipy.spatial.distance.pdist(..., "cosine")`,
          `squareform`, threshold (the recipe of the public kernels);
-  ours:  `pipeline.dedup.block_histograms` + `near_duplicate_pairs`.
+  ours:  `pipeline.stages.dedup.block_histograms` + `near_duplicate_pairs`.
 Checks both find the same pairs and prints the time and peak memory of each, the speedup,
 and the cost of merely reading the images (.npy from the page cache; LZW TIFF decoding as
 in the competition files, timed on a sample and scaled).
@@ -36,15 +36,15 @@ from scipy import ndimage
 from scipy.spatial.distance import pdist, squareform
 from tqdm import tqdm
 
-from pipeline import dedup, synth
-from pipeline.io import write_tiff
+from pipeline.stages import dedup, synth
+from pipeline.data.io import write_tiff
 
 SHAPE = (420, 580)
 BLOCK_SIZE, BINS, THRESHOLD = 20, 9, 0.008
 FRAMES_PER_SUBJECT = 100
 KEY_FRAMES = 6           # full renders per subject; other frames are cheap variants of them
 SPECKLE_POOL = 16        # speckle fields, rolled to a random offset for each frame
-TWIN_PROBABILITY = 0.35  # as in pipeline.synth
+TWIN_PROBABILITY = 0.35  # as in pipeline.stages.synth
 TIFF_SAMPLE = 200
 
 

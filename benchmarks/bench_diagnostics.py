@@ -24,9 +24,12 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import artifacts, diagnostics, train, transforms
-from pipeline.artifacts import open_arrays  # noqa: E402
-from pipeline.model import build_model  # noqa: E402
+from pipeline.data import artifacts
+from pipeline.diagnostics import monitor as diagnostics
+from pipeline.stages import train
+from pipeline.model import transforms
+from pipeline.data.artifacts import open_arrays  # noqa: E402
+from pipeline.model.network import build_model  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 
 

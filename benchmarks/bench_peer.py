@@ -6,7 +6,7 @@ own commands (`nnUNetv2_plan_and_preprocess`, `nnUNetv2_train -device cpu`, `nnU
 on the same training images of USGRA-seg, with an equal training budget in image-steps
 (images per optimizer step x steps; our validation passes and nnU-Net's few validation
 iterations are forward-only and not counted), predicts the same held-out images
-(the publisher's `test/`), and scores both with this project's metric (`pipeline.metrics`:
+(the publisher's `test/`), and scores both with this project's metric (`pipeline.model.metrics`:
 per-image Dice, empty prediction on empty truth = 1, averaged) and IoU (same empty rule).
 
 nnU-Net's budget is set by a trainer subclass, `nnUNetTrainer_BenchPeer`, which this script
@@ -50,10 +50,11 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline import augment, clean, dedup, load, plan, predict, rle, train, tune  # noqa: E402
-from pipeline.artifacts import read_plan, read_training_manifest  # noqa: E402
-from pipeline.io import read_image, read_mask, write_json  # noqa: E402
-from pipeline.metrics import dice_per_image  # noqa: E402
+from pipeline.stages import augment, clean, dedup, load, plan, predict, train, tune  # noqa: E402
+from pipeline.data import rle
+from pipeline.data.artifacts import read_plan, read_training_manifest  # noqa: E402
+from pipeline.data.io import read_image, read_mask, write_json  # noqa: E402
+from pipeline.model.metrics import dice_per_image  # noqa: E402
 from pipeline.params import Params  # noqa: E402
 
 CREDIT = "USGRA-seg dataset, tmkand/usgra-seg, CC-BY 4.0"
@@ -106,7 +107,7 @@ class Clock:
 
 
 def iou_per_image(pred: np.ndarray, truth: np.ndarray) -> float:
-    """IoU of one pair; both empty -> 1.0 (the Dice rule of `pipeline.metrics`)."""
+    """IoU of one pair; both empty -> 1.0 (the Dice rule of `pipeline.model.metrics`)."""
     union = np.logical_or(pred, truth).sum()
     return 1.0 if union == 0 else float(np.logical_and(pred, truth).sum() / union)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import augment, clean, dedup, load, predict, synth, train, tune
-from pipeline.io import write_json
+from pipeline.stages import augment, clean, dedup, load, predict, synth, train, tune
+from pipeline.data.io import write_json
 from pipeline.params import Params
 
 ROWS = ("1. plain U-Net (no cleaning, no presence head, 0.5/0.5/0)", "2. + cleaning (drop_empty)",

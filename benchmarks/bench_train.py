@@ -1,11 +1,11 @@
 """Benchmark: training throughput of the configured U-Net + presence head, in images per second.
 
-Times `pipeline.train.train_epoch` (forward, loss, NaN check, backward, AdamW step, scheduler)
+Times `pipeline.stages.train.train_epoch` (forward, loss, NaN check, backward, AdamW step, scheduler)
 on batches already on the device, so the model step is measured without data loading, at
 the working size from params.yaml and at full resolution (416x576: 420x580 rounded down to
 a multiple of 32). CUDA is used when present (bf16 autocast, channels_last), else the CPU
 with the stage's thread count. It then times the data path of one DataLoader worker
-(augment + normalise one sample, `pipeline.train.Samples`) at both sizes, to show how many
+(augment + normalise one sample, `pipeline.stages.train.Samples`) at both sizes, to show how many
 workers training needs to keep the model step fed.
 
     python benchmarks/bench_train.py [--params params.yaml] [--batch N] [--iters N] [--warmup N]
@@ -22,8 +22,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline import train, transforms
-from pipeline.model import build_model  # noqa: E402
+from pipeline.stages import train
+from pipeline.model import transforms
+from pipeline.model.network import build_model  # noqa: E402
 from pipeline.params import TrainParams, load_params  # noqa: E402
 
 FULL = (416, 576)

@@ -42,12 +42,12 @@ def friendly_errors(func: F) -> F:
     def wrapper(*args: object, **kwargs: object) -> object:
         from pipeline.errors import InputError
         from pipeline.params import ParamsError
-        from pipeline.rle import RLEError, SubmissionError
+        from pipeline.data.rle import RLEError, SubmissionError
 
         known: tuple[type[Exception], ...] = (InputError, ParamsError, RLEError, SubmissionError)
         try:
-            from pipeline.checkpoints import CheckpointError
-            from pipeline.train import TrainingError
+            from pipeline.model.checkpoints import CheckpointError
+            from pipeline.stages.train import TrainingError
             known += (CheckpointError, TrainingError)
         except ImportError:  # torch missing: only the torch-free commands can run anyway
             pass
@@ -174,7 +174,7 @@ def run_stage(stage: Stage, params_file: Path, paths: dict[str, Path]) -> dict:
     outputs = {name: Output(path, roles[name]) for name, path in paths.items() if roles[name] != "input"}
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
         check_paths(stage.name, inputs=inputs, outputs=outputs, outputs_may_nest_in=stage.outputs_may_nest_in)
-    run = importlib.import_module(f"pipeline.{stage.name}").run
+    run = importlib.import_module(f"pipeline.stages.{stage.name}").run
     persistent = [out.path for out in outputs.values() if out.role == "persist"]
     with stage_commit(stage.name, immediate=persistent):
         return run(params, **paths)
@@ -202,7 +202,7 @@ def validate(submission: Annotated[Path, typer.Argument(help="Submission CSV to 
              params: ParamsOpt = Path("params.yaml")) -> None:
     """Check a submission file: header, ids, and every run-length string (conventions from data.*)."""
     from pipeline.params import load_params
-    from pipeline.rle import validate_submission_file
+    from pipeline.data.rle import validate_submission_file
 
     rows = validate_submission_file(submission, test_dir=test_dir, height=height, width=width,
                                     data=load_params(params).data)
@@ -219,7 +219,7 @@ def compare(out: Annotated[Path, typer.Option(help="Where to write the experimen
     """Rank every DVC experiment (git refs/exps) and the current run by Dice: an HTML page, and Markdown on stdout.
 
     Not a DVC stage: experiments are git refs, which no stage can depend on; run it after new experiments."""
-    from pipeline.compare import run
+    from pipeline.pages.compare import run
 
     typer.echo(run(out=out, params=params, reports=reports), nl=False)
     typer.echo(f"wrote {out}", err=True)

@@ -38,7 +38,7 @@ def _direct_imports(path: Path) -> frozenset[str]:
 
 def code_files(module: str) -> list[Path]:
     """Source files of `module` and of every package module it imports, directly or not
-    (the package's empty `__init__.py` aside), relative to the repository root, sorted."""
+    (the packages' `__init__.py` aside: each holds only its docstring), relative to the repository root, sorted."""
     seen: set[str] = set()
     todo = [module]
     while todo:
@@ -47,5 +47,5 @@ def code_files(module: str) -> list[Path]:
             continue
         seen.add(name)
         todo.extend(_direct_imports(_module_file(name)))
-    files = {_module_file(name) for name in seen} - {PACKAGE_DIR / "__init__.py"}
+    files = {_module_file(name) for name in seen if _module_file(name).name != "__init__.py"}
     return sorted(f.relative_to(PACKAGE_DIR.parent) for f in files)

@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
-from pipeline import load, plan, synth  # noqa: E402
+from pipeline.stages import load, plan, synth  # noqa: E402
 from pipeline.params import Params, SynthParams  # noqa: E402
 
 TINY = SynthParams(subjects=3, frames_per_subject=10, test_images=6, height=96, width=128,

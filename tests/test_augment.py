@@ -7,7 +7,9 @@ import json
 import albumentations as A
 import numpy as np
 
-from pipeline import artifacts, augment, transforms
+from pipeline.data import artifacts
+from pipeline.stages import augment
+from pipeline.model import transforms
 from pipeline.params import AugmentParams, Params, TrainParams
 
 GEOMETRY = AugmentParams(hflip_p=0.5, vflip_p=0.5, affine_p=1.0, shift=0.1, scale=0.2, rotate=30.0,

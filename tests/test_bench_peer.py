@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.io import read_mask
+from pipeline.data.io import read_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,10 +17,10 @@ import torch
 
 from helpers import NORM
 from helpers import TINY_TRAIN as TINY
-from pipeline import predict
-from pipeline.checkpoints import (REFUSED, CheckpointError, FoldFiles, load_checkpoint, read_checkpoint,
+from pipeline.stages import predict
+from pipeline.model.checkpoints import (REFUSED, CheckpointError, FoldFiles, load_checkpoint, read_checkpoint,
                                   save_checkpoint)
-from pipeline.model import build_model, split_outputs
+from pipeline.model.network import build_model, split_outputs
 
 
 class _RunsCode:

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline import clean
-from pipeline.io import InputError
+from pipeline.stages import clean
+from pipeline.data.io import InputError
 from pipeline.params import CleanParams, Params, ParamsError, parse_params
 
 # a (mask) ~ b (empty) ~ g (mask): b contradicts two frames; c, d both masked but disagree;

@@ -92,7 +92,7 @@ def _interim_with_test_ids(tiny_interim, tmp_path, ids):
 
 
 def _predict(interim, models, tmp_path, data):
-    from pipeline import predict
+    from pipeline.stages import predict
     from pipeline.params import Params, PredictParams
 
     (tmp_path / "thresholds.json").write_text('{"pixel": 0.5, "presence": 0.5, "min_area": 0}')
@@ -106,7 +106,7 @@ def test_predict_refuses_an_unwritable_id_before_loading_any_model(tiny_interim,
     """The ultrasound layout's numeric-id rule, checked up front: the error names the id and the manifest,
     not the submission's temporary file, and comes before the (here missing) checkpoints are looked at."""
     from pipeline.params import DataParams
-    from pipeline.rle import SubmissionError
+    from pipeline.data.rle import SubmissionError
 
     interim = _interim_with_test_ids(tiny_interim, tmp_path, ["1", "2", "3a", "4", "5", "6"])
     with pytest.raises(SubmissionError) as info:
@@ -119,8 +119,8 @@ def test_predict_refuses_an_unwritable_id_before_loading_any_model(tiny_interim,
 def _one_fold(models):
     import torch
 
-    from pipeline.checkpoints import save_checkpoint
-    from pipeline.model import build_model
+    from pipeline.model.checkpoints import save_checkpoint
+    from pipeline.model.network import build_model
     from pipeline.params import TrainParams
 
     tiny = TrainParams(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 8), height=64, width=64)
@@ -132,7 +132,7 @@ def _one_fold(models):
 def test_predict_writes_ids_with_commas_and_quotes_that_read_back(tiny_interim, tmp_path):
     import pandas as pd
 
-    from pipeline import rle
+    from pipeline.data import rle
     from pipeline.params import DataParams
 
     ids = ["a,1", 'b"2', 'c,"3"', "d 4", "e5", "f6"]
@@ -147,9 +147,9 @@ def test_predict_writes_ids_with_commas_and_quotes_that_read_back(tiny_interim, 
 
 
 def test_predict_invalid_submission_names_the_output_not_its_temporary(tiny_interim, tmp_path, monkeypatch):
-    from pipeline import predict
+    from pipeline.stages import predict
     from pipeline.params import DataParams
-    from pipeline.rle import SubmissionError
+    from pipeline.data.rle import SubmissionError
 
     monkeypatch.setattr(predict.rle, "encode", lambda mask, order="F", start=1: "0 5")
     with pytest.raises(SubmissionError) as info:

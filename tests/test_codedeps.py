@@ -14,7 +14,7 @@ STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 
 
 def _module(stage: dict) -> str:
-    return "pipeline." + re.match(r"python -m pipeline (\w+)", stage["cmd"]).group(1)
+    return "pipeline.stages." + re.match(r"python -m pipeline (\w+)", stage["cmd"]).group(1)
 
 
 @pytest.mark.parametrize("name", sorted(STAGES))
@@ -27,7 +27,7 @@ def test_dvc_code_deps_equal_the_stage_imports(name: str) -> None:
 
 def test_imports_inside_functions_count() -> None:
     """rle imports layouts inside validate_submission_file(): predict, which imports rle, depends on it."""
-    assert Path("pipeline/layouts.py") in code_files("pipeline.rle")
+    assert Path("pipeline/data/layouts.py") in code_files("pipeline.data.rle")
 
 
 def test_every_stage_depends_on_the_params_schema_and_the_writers() -> None:
@@ -37,8 +37,9 @@ def test_every_stage_depends_on_the_params_schema_and_the_writers() -> None:
 
 
 def test_no_stage_imports_another_stages_module() -> None:
-    """Formats passed between stages live in pipeline/artifacts.py, shared code in small modules."""
-    stage_files = {Path(f"pipeline/{_module(stage).split('.')[1]}.py") for stage in STAGES.values()}
+    """Formats passed between stages live in pipeline/data/artifacts.py, shared code in small modules."""
+    stage_files = {Path(f"pipeline/stages/{name}.py") for name in STAGES}
     for name, stage in STAGES.items():
-        own = Path(f"pipeline/{_module(stage).split('.')[1]}.py")
+        own = Path(f"pipeline/stages/{name}.py")
         assert not (set(code_files(_module(stage))) & stage_files) - {own}, name
+

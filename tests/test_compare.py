@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from pipeline import compare
+from pipeline.pages import compare
 from pipeline.cli import app
 
 
@@ -82,7 +82,7 @@ def test_not_a_git_repository_is_a_note(tmp_path):
 
 
 def test_compare_imports_neither_the_report_nor_torch():
-    code = ("import sys, pipeline.compare; "
-            "print(sorted(m for m in ('torch', 'pipeline.report', 'pipeline.tune') if m in sys.modules))")
+    code = ("import sys, pipeline.pages.compare; "
+            "print(sorted(m for m in ('torch', 'pipeline.stages.report', 'pipeline.stages.tune') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr

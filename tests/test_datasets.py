@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import synth
+from pipeline.stages import synth
 from pipeline.params import Params, SynthParams
 
 REPO = Path(__file__).resolve().parents[1]

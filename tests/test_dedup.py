@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 from scipy.spatial.distance import cdist
 
-from pipeline import dedup
-from pipeline.io import InputError
+from pipeline.stages import dedup
+from pipeline.data.io import InputError
 from pipeline.params import DedupParams, Params, ParamsError, parse_params
 
 

@@ -15,15 +15,17 @@ import torch
 from torch import nn
 
 from helpers import TINY_TRAIN as TINY
-from pipeline import artifacts, train, transforms
-from pipeline.artifacts import read_manifest
-from pipeline.diag_figures import CAPTIONS, filter_grid
-from pipeline.diag_measures import (TOP_CHANNELS, GradTracker, bottleneck_features, capture, dead_fractions,
+from pipeline.data import artifacts
+from pipeline.stages import train
+from pipeline.model import transforms
+from pipeline.data.artifacts import read_manifest
+from pipeline.diagnostics.figures import CAPTIONS, filter_grid
+from pipeline.diagnostics.measures import (TOP_CHANNELS, GradTracker, bottleneck_features, capture, dead_fractions,
                                     dead_overall, init_stds, pca_spectrum, presence_attribution, relu_alive,
                                     weight_norms)
-from pipeline.diag_rules import gradient_warnings, init_warnings, one_class, plateau_epochs
-from pipeline.diagnostics import Monitor
-from pipeline.model import build_model, preprocess, split_outputs
+from pipeline.diagnostics.rules import gradient_warnings, init_warnings, one_class, plateau_epochs
+from pipeline.diagnostics.monitor import Monitor
+from pipeline.model.network import build_model, preprocess, split_outputs
 from pipeline.params import AugmentParams, DiagnosticsParams, Params
 
 DIAG = DiagnosticsParams(subset=8)
@@ -312,7 +314,7 @@ def test_diagnostics_params_do_not_force_retraining(inputs, trained, tmp_path, c
 
 
 def test_report_shows_the_warnings_and_figures(trained: Path, tmp_path: Path) -> None:
-    from pipeline.report import diagnostics_section
+    from pipeline.stages.report import diagnostics_section
 
     assert "no diagnostics" in "".join(diagnostics_section(tmp_path / "train").html)
     import shutil
@@ -345,8 +347,8 @@ def test_validation_and_prediction_feed_the_network_the_same_numbers(tiny_interi
 FRESH = textwrap.dedent("""
     import sys
     import numpy as np, torch
-    from pipeline.checkpoints import load_checkpoint
-    from pipeline.model import preprocess, split_outputs
+    from pipeline.model.checkpoints import load_checkpoint
+    from pipeline.model.network import preprocess, split_outputs
     model, state = load_checkpoint("model.pt")
     model.eval()
     images = np.load("images.npy")

@@ -18,11 +18,13 @@ import torch
 import yaml
 
 from helpers import TINY_TRAIN
-from pipeline import artifacts, train, transforms
-from pipeline.artifacts import open_arrays, read_manifest
-from pipeline.checkpoints import load_checkpoint
+from pipeline.data import artifacts
+from pipeline.stages import train
+from pipeline.model import transforms
+from pipeline.data.artifacts import open_arrays, read_manifest
+from pipeline.model.checkpoints import load_checkpoint
 from pipeline.params import AugmentParams, to_dict
-from pipeline.runtime import Runtime
+from pipeline.model.runtime import Runtime
 
 SEED = 11
 # 3 subjects -> 3 folds of one subject each; one frame per subject is left out so every fold holds

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.fingerprint import fingerprint
+from pipeline.data.fingerprint import fingerprint
 
 
 def _image(shape, value=120, border=0):

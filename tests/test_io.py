@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.io import atomic_dir, atomic_path, read_image, write_json, write_tiff, read_json
+from pipeline.data.io import atomic_dir, atomic_path, read_image, write_json, write_tiff, read_json
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
@@ -112,7 +112,7 @@ def _palette_mask(path: Path, labels: np.ndarray) -> Path:
 
 
 def test_palette_mask_foreground_picks_indices(tmp_path):
-    from pipeline.io import read_mask
+    from pipeline.data.io import read_mask
 
     labels = _labels()
     path = _palette_mask(tmp_path / "m.png", labels)
@@ -124,7 +124,7 @@ def test_palette_mask_foreground_picks_indices(tmp_path):
 
 
 def test_palette_mask_without_foreground_suggests_it(tmp_path):
-    from pipeline.io import InputError, read_mask
+    from pipeline.data.io import InputError, read_mask
 
     path = _palette_mask(tmp_path / "m.png", _labels())
     with pytest.raises(InputError) as info:
@@ -137,7 +137,7 @@ def test_palette_mask_without_foreground_suggests_it(tmp_path):
 def test_label_map_l_and_16_bit_foreground_picks_values(tmp_path, suffix):
     from PIL import Image
 
-    from pipeline.io import InputError, read_mask
+    from pipeline.data.io import InputError, read_mask
 
     labels = _labels()
     Image.fromarray(labels * 3).save(tmp_path / f"l{suffix}")                      # L: values 0, 3, 6
@@ -155,7 +155,7 @@ def test_binary_masks_read_as_today(tmp_path, scale):
     """0/255 and 0/1 masks: without foreground they are binary; with foreground their values are labels."""
     from PIL import Image
 
-    from pipeline.io import read_mask
+    from pipeline.data.io import read_mask
 
     truth = _labels() > 0
     Image.fromarray(truth.astype(np.uint8) * scale).save(tmp_path / "m.png")
@@ -169,7 +169,7 @@ def test_binary_masks_read_as_today(tmp_path, scale):
 def test_colour_masks_stay_an_error(tmp_path, foreground):
     from PIL import Image
 
-    from pipeline.io import InputError, read_mask
+    from pipeline.data.io import InputError, read_mask
 
     rgb = np.repeat((_labels() > 0)[..., None].astype(np.uint8) * 255, 3, axis=2)
     Image.fromarray(rgb, "RGB").save(tmp_path / "m.png")

@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from conftest import make_plan
-from pipeline import artifacts, load, rle, synth
-from pipeline.io import InputError
+from pipeline.data import artifacts, rle
+from pipeline.stages import load, synth
+from pipeline.data.io import InputError
 from pipeline.params import DataParams, Params, SynthParams
 
 SMALL = dict(subjects=2, frames_per_subject=4, test_images=3, height=64, width=80, label_noise=0.0)
@@ -119,9 +120,9 @@ def test_csv_layout_end_to_end_with_its_own_conventions(tmp_path):
     The submission must use the dataset's header, ids and RLE convention at its native size:
     decoded with that convention it gives the same masks as the ultrasound convention does.
     """
-    from pipeline import augment, clean, dedup, predict, train, tune
-    from pipeline.checkpoints import load_checkpoint
-    from pipeline.model import input_channels
+    from pipeline.stages import augment, clean, dedup, predict, train, tune
+    from pipeline.model.checkpoints import load_checkpoint
+    from pipeline.model.network import input_channels
     from pipeline.params import AugmentParams, CleanParams, DedupParams, PredictParams, TrainParams, TuneParams
 
     raw = tmp_path / "raw"
@@ -249,7 +250,7 @@ def _usgra_like(root, mask_kind="palette", sizes=((24, 32),) * 4):
 
 
 def test_folders_layout_reads_pairs_at_the_root_and_ignores_test_masks(tmp_path):
-    from pipeline import layouts
+    from pipeline.data import layouts
 
     raw = _usgra_like(tmp_path / "raw")
     listing = layouts.scan(raw, DataParams(layout="folders"))
@@ -265,7 +266,7 @@ def test_folders_layout_reads_pairs_at_the_root_and_ignores_test_masks(tmp_path)
 
 def test_a_train_folder_wins_over_root_images(tmp_path):
     """The one rule: train/images + train/masks when train/ exists; images/ + masks/ at the root otherwise."""
-    from pipeline import layouts
+    from pipeline.data import layouts
 
     raw = _usgra_like(tmp_path / "raw")
     (raw / "train").mkdir()
@@ -281,7 +282,7 @@ def test_a_train_folder_wins_over_root_images(tmp_path):
 
 
 def test_root_pairs_errors_name_the_root_folders(tmp_path):
-    from pipeline import layouts
+    from pipeline.data import layouts
 
     raw = _usgra_like(tmp_path / "raw", mask_kind="binary")
     (raw / "masks" / "0001.png").rename(raw / "masks" / "0099.png")
@@ -301,8 +302,8 @@ def test_root_pairs_load_end_to_end(tmp_path):
 
 
 def test_test_mask_paths(tmp_path, datasets):
-    from pipeline import layouts
-    from pipeline.io import read_mask
+    from pipeline.data import layouts
+    from pipeline.data.io import read_mask
 
     raw = _usgra_like(tmp_path / "raw")
     data = DataParams(layout="folders", foreground=(1,))

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import artifacts, load
-from pipeline.io import InputError, read_json
+from pipeline.data import artifacts
+from pipeline.stages import load
+from pipeline.data.io import InputError, read_json
 from pipeline.params import DataParams, Params
 
 
@@ -188,7 +189,7 @@ def test_non_ascii_digits_are_not_ids(raw, tmp_path):
 
 def test_test_folder_rule_dot_files_skipped_and_upper_case_suffix_read(raw, tmp_path):
     """One rule for which files are test images (load and `pipeline validate` share it)."""
-    from pipeline.layouts import list_test_images
+    from pipeline.data.layouts import list_test_images
 
     (raw / "test" / "._1.tif").write_bytes(b"AppleDouble resource fork")
     (raw / "test" / ".DS_Store").write_bytes(b"\0")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from pipeline.metrics import dice_from_counts, dice_per_image, mean_dice
+from pipeline.model.metrics import dice_from_counts, dice_per_image, mean_dice
 
 
 def test_empty_prediction_on_empty_truth_scores_one():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import TINY_MODEL as TINY
-from pipeline.model import build_model, preprocess, split_outputs, to_native
+from pipeline.model.network import build_model, preprocess, split_outputs, to_native
 
 
 @pytest.mark.parametrize("presence_head", [True, False])

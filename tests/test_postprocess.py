@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.io import InputError
-from pipeline.artifacts import Thresholds, read_thresholds
-from pipeline.postprocess import apply, binarize
+from pipeline.data.io import InputError
+from pipeline.data.artifacts import Thresholds, read_thresholds
+from pipeline.model.postprocess import apply, binarize
 
 
 def test_pixel_threshold_is_strict():

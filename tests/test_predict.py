@@ -9,16 +9,17 @@ import torch
 from typer.testing import CliRunner
 
 from helpers import TINY_MODEL
-from pipeline import predict, rle
+from pipeline.stages import predict
+from pipeline.data import rle
 from pipeline.cli import app
-from pipeline.io import InputError
-from pipeline.artifacts import open_arrays
-from pipeline.metrics import dice_per_image
-from pipeline.checkpoints import CheckpointError, save_checkpoint
-from pipeline.model import build_model
+from pipeline.data.io import InputError
+from pipeline.data.artifacts import open_arrays
+from pipeline.model.metrics import dice_per_image
+from pipeline.model.checkpoints import CheckpointError, save_checkpoint
+from pipeline.model.network import build_model
 from pipeline.params import Params, PredictParams, TrainParams
-from pipeline.artifacts import Thresholds
-from pipeline.rle import SubmissionError
+from pipeline.data.artifacts import Thresholds
+from pipeline.data.rle import SubmissionError
 
 TINY = dataclasses.replace(TINY_MODEL, decoder_channels=(32, 16, 8))
 SHAPE = (96, 128)  # the tiny dataset's native size
@@ -148,8 +149,8 @@ def test_predict_cli(tiny_interim, tiny_raw, models, tmp_path):
 def test_submission_masks_are_postprocess_apply_with_the_component_rules(tiny_interim, tiny_raw, models, tmp_path,
                                                                          monkeypatch):
     """predict writes exactly `postprocess.apply` of its native probabilities, component rules included."""
-    from pipeline import postprocess
-    from pipeline.artifacts import read_manifest
+    from pipeline.model import postprocess
+    from pipeline.data.artifacts import read_manifest
 
     native = []
     real = predict.to_native

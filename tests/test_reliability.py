@@ -39,16 +39,18 @@ from scipy.spatial.distance import cdist
 from typer.testing import CliRunner
 
 from helpers import NORM, TINY_TRAIN
-from pipeline import artifacts, dedup, train, transforms, tune
+from pipeline.data import artifacts
+from pipeline.stages import dedup, train, tune
+from pipeline.model import transforms
 from pipeline.atomic import LEDGER
 from pipeline.cli import app
-from pipeline.artifacts import read_manifest
-from pipeline.metrics import dice_from_counts, dice_per_image, mean_dice
-from pipeline.checkpoints import save_checkpoint
-from pipeline.model import build_model
+from pipeline.data.artifacts import read_manifest
+from pipeline.model.metrics import dice_from_counts, dice_per_image, mean_dice
+from pipeline.model.checkpoints import save_checkpoint
+from pipeline.model.network import build_model
 from pipeline.params import AugmentParams, DedupParams, Params, TrainParams, TuneParams
-from pipeline.artifacts import Thresholds
-from pipeline.postprocess import apply, binarize
+from pipeline.data.artifacts import Thresholds
+from pipeline.model.postprocess import apply, binarize
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dataclasses.replace(TINY_TRAIN, threads=2)  # as PARAMS_YAML's train:

@@ -15,12 +15,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline import artifacts, report
-from pipeline.io import write_csv
-from pipeline.artifacts import open_arrays, read_manifest
+from pipeline.data import artifacts
+from pipeline.stages import report
+from pipeline.data.io import write_csv
+from pipeline.data.artifacts import open_arrays, read_manifest
 from pipeline.params import Params, ReportParams
-from pipeline.artifacts import read_thresholds
-from pipeline.postprocess import keep
+from pipeline.data.artifacts import read_thresholds
+from pipeline.model.postprocess import keep
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 TUNE = {"dice_best": 0.81234, "dice_default": 0.70111, "dice_no_presence_gate": 0.6502, "dice_all_empty": 0.5333,
@@ -70,7 +71,7 @@ def run_dir(tmp_path: Path, tiny_interim: Path) -> Path:
 
 def _scores(d: Path, interim: Path) -> None:
     """What the tune stage writes beside its grid: per-image scores at the chosen thresholds."""
-    from pipeline import tune
+    from pipeline.stages import tune
 
     ids, mask_prob, presence = artifacts.read_oof(d / "oof")
     _, masks = open_arrays(interim, "train")
@@ -147,9 +148,9 @@ def test_missing_stages_still_render(tmp_path, tiny_interim):
 
 
 def test_report_imports_neither_torch_nor_the_tune_stage():
-    """The report reads what tune wrote; importing it must not pull in torch or pipeline.tune (nor compare)."""
-    code = ("import sys, pipeline.report; "
-            "print(sorted(m for m in ('torch', 'pipeline.tune', 'pipeline.model', 'pipeline.compare') "
+    """The report reads what tune wrote; importing it must not pull in torch or pipeline.stages.tune (nor compare)."""
+    code = ("import sys, pipeline.stages.report; "
+            "print(sorted(m for m in ('torch', 'pipeline.stages.tune', 'pipeline.model.network', 'pipeline.pages.compare') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -240,8 +241,8 @@ def test_page_renders_in_headless_chromium(run_dir, tiny_interim):
 @pytest.mark.parametrize("shape", [(1, 1), (1, 5), (4, 1)])
 def test_report_on_tiny_images_skips_the_outlines_it_cannot_draw(tmp_path, shape):
     """Images under 2x2 pixels: matplotlib cannot contour them (TypeError); the page still renders."""
-    from pipeline import load
-    from pipeline.io import write_tiff
+    from pipeline.stages import load
+    from pipeline.data.io import write_tiff
 
     raw = tmp_path / "raw"
     for s in (1, 2):

@@ -5,9 +5,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from typer.testing import CliRunner
 
-from pipeline import rle
+from pipeline.data import rle
 from pipeline.cli import app
-from pipeline.rle import RLEError, SubmissionError
+from pipeline.data.rle import RLEError, SubmissionError
 
 
 def _is_canonical(text: str, n: int) -> bool:
@@ -75,7 +75,7 @@ def test_decode_accepts_touching_runs_and_empty_cells():
 
 
 def test_decodes_the_loaded_training_masks_bit_for_bit(tiny_interim):
-    from pipeline.artifacts import open_arrays
+    from pipeline.data.artifacts import open_arrays
 
     _, truth = open_arrays(tiny_interim, "train")
     for mask in truth:
@@ -229,7 +229,7 @@ def test_submission_writer_quotes_fields_for_a_round_trip(tmp_path, img):
 
 
 def test_one_numeric_id_rule_and_the_id_check():
-    from pipeline.ids import id_problem, id_sort_key, numeric_ids
+    from pipeline.data.ids import id_problem, id_sort_key, numeric_ids
     from pipeline.params import DataParams
 
     assert numeric_ids(DataParams()) and numeric_ids(DataParams(layout="ultrasound"))
@@ -253,7 +253,7 @@ def test_one_numeric_id_rule_and_the_id_check():
 
 
 def _test_dir(tmp_path, shape=(3, 4)):
-    from pipeline.io import write_tiff
+    from pipeline.data.io import write_tiff
 
     test_dir = tmp_path / "test"
     for i in (1, 2, 3):
@@ -280,7 +280,7 @@ def test_validate_against_test_images_skips_dot_files_and_reads_their_size(tmp_p
     ({"height": 3, "width": 0}, "--width must be a positive"),
 ])
 def test_validate_against_refuses_sizes_that_are_not_positive(tmp_path, size, message):
-    from pipeline.io import InputError
+    from pipeline.data.io import InputError
 
     with pytest.raises(InputError, match=message):
         rle.validate_submission_file(_write(tmp_path, GOOD), **size)

@@ -2,7 +2,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from pipeline import rle, synth
+from pipeline.data import rle
+from pipeline.stages import synth
 from pipeline.params import Params, SynthParams
 
 

@@ -14,9 +14,11 @@ import torch
 from typer.testing import CliRunner
 
 from helpers import TINY_TRAIN as TINY
-from pipeline import artifacts, train, transforms
+from pipeline.data import artifacts
+from pipeline.stages import train
+from pipeline.model import transforms
 from pipeline.cli import app
-from pipeline.artifacts import read_manifest
+from pipeline.data.artifacts import read_manifest
 from pipeline.params import AugmentParams, Params, TrainParams
 
 

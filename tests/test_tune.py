@@ -7,15 +7,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipeline import artifacts, tune
+from pipeline.data import artifacts
+from pipeline.stages import tune
 from pipeline.cli import app
-from pipeline.io import InputError
-from pipeline.artifacts import open_arrays, read_manifest
-from pipeline.metrics import mean_dice
-from pipeline.model import to_native
+from pipeline.data.io import InputError
+from pipeline.data.artifacts import open_arrays, read_manifest
+from pipeline.model.metrics import mean_dice
+from pipeline.model.network import to_native
 from pipeline.params import Params, ParamsError, TuneParams, parse_params
-from pipeline.artifacts import Thresholds
-from pipeline.postprocess import apply
+from pipeline.data.artifacts import Thresholds
+from pipeline.model.postprocess import apply
 
 PLANTED = TuneParams(pixel_thresholds=(0.5, 0.3, 0.4), presence_thresholds=(0.6, 0.7, 0.8), min_areas=(0, 50, 120),
                      keep_largest=(False,), min_component_fractions=(0.0,))  # components: off only
@@ -126,8 +127,8 @@ def test_run_writes_thresholds_table_plots_and_metrics(tiny_interim, tiny_plan, 
 def test_run_writes_per_image_oof_scores_at_the_chosen_thresholds(tiny_interim, tiny_plan, tmp_path):
     """oof_scores.csv: one row per OOF image, in OOF order, scored exactly as predict makes masks; the report's
     confusion matrix and gallery read it instead of re-scoring with torch."""
-    from pipeline import rle
-    from pipeline.metrics import dice_per_image
+    from pipeline.data import rle
+    from pipeline.model.metrics import dice_per_image
 
     train = _oof(tiny_interim, tmp_path / "oof")
     metrics = tune.run(Params(), plan=tiny_plan, oof=tmp_path / "oof", interim=tiny_interim,

@@ -1,6 +1,6 @@
 """Diagnostic warning rules: when a history of measurements means trouble.
 
-Each rule is a pure function of numbers the measurements produced; `Monitor` (pipeline/diagnostics.py)
+Each rule is a pure function of numbers the measurements produced; `Monitor` (pipeline/diagnostics/monitor.py)
 applies them per epoch and logs what they return.
 """
 from __future__ import annotations

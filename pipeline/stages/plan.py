@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.artifacts import Plan, write_plan
+from pipeline.data.artifacts import Plan, write_plan
 from pipeline.errors import InputError
-from pipeline.io import read_json
+from pipeline.data.io import read_json
 from pipeline.params import Params
 
 CPU_BUDGET, GPU_BUDGET = 12_288, 262_144

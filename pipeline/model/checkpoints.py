@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.io import atomic_path, write_text
-from pipeline.model import build_model, input_channels
+from pipeline.data.io import atomic_path, write_text
+from pipeline.model.network import build_model, input_channels
 from pipeline.params import TrainParams, _build
 
 MODEL_KEYS = ("encoder", "encoder_depth", "decoder_channels", "encoder_weights", "presence_head", "height", "width")

@@ -28,9 +28,9 @@ from scipy.sparse.csgraph import connected_components
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from pipeline.artifacts import open_arrays, read_manifest, read_plan, size_groups, write_pairs
-from pipeline.io import InputError, save_figure, write_json
-from pipeline.metrics import dice_per_image
+from pipeline.data.artifacts import open_arrays, read_manifest, read_plan, size_groups, write_pairs
+from pipeline.data.io import InputError, save_figure, write_json
+from pipeline.model.metrics import dice_per_image
 from pipeline.params import Params
 
 EXACT_BATCH = 1024   # candidate pairs re-checked in float64 at once (two 1024 x D float64 buffers)

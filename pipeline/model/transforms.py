@@ -11,8 +11,8 @@ import random
 import albumentations as A
 import numpy as np
 
-from pipeline.artifacts import size_chunks
-from pipeline.model import preprocess
+from pipeline.data.artifacts import size_chunks
+from pipeline.model.network import preprocess
 from pipeline.params import AugmentParams
 
 CHUNK = 64

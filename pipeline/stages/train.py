@@ -2,10 +2,10 @@
 
 Here: the folds, the loss and the monitoring metrics, one fold's training loop, and `run`.
 Each fold's files (`fold_K/best.pt`, `last.pt` after every unfinished epoch, `done.json` once
-finished) are `pipeline/checkpoints.py`: a killed run continues from its last finished epoch and
+finished) are `pipeline/model/checkpoints.py`: a killed run continues from its last finished epoch and
 ends with the same weights as an uninterrupted one, and a re-run with the same params and inputs
 skips a finished fold. The same code runs single-process or under `torchrun`
-(`pipeline/runtime.py`); rank 0 writes every file. The validation probabilities of the best
+(`pipeline/model/runtime.py`); rank 0 writes every file. The validation probabilities of the best
 checkpoints go to `oof.npz` for the tune stage.
 """
 from __future__ import annotations
@@ -24,15 +24,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline import diagnostics
-from pipeline.artifacts import load_augmentation, open_arrays, read_plan, read_training_manifest, write_oof
-from pipeline.checkpoints import FoldFiles
+from pipeline.diagnostics import monitor as diagnostics
+from pipeline.data.artifacts import load_augmentation, open_arrays, read_plan, read_training_manifest, write_oof
+from pipeline.model.checkpoints import FoldFiles
 from pipeline.codedeps import PACKAGE_DIR, code_files
-from pipeline.metrics import dice_per_image
-from pipeline.model import build_model, channels_first, check_encoder, split_outputs
+from pipeline.model.metrics import dice_per_image
+from pipeline.model.network import build_model, channels_first, check_encoder, split_outputs
 from pipeline.params import DiagnosticsParams, Params, TrainParams, to_dict
-from pipeline.runtime import Runtime, setup_runtime, teardown
-from pipeline.transforms import apply, sample_seed, working_arrays
+from pipeline.model.runtime import Runtime, setup_runtime, teardown
+from pipeline.model.transforms import apply, sample_seed, working_arrays
 
 GATE = 0.5  # pixel and presence threshold for the monitoring Dice; the tune stage picks the real ones
 PRESENCE_GRID = np.round(np.arange(0.05, 1.0, 0.05), 2)
@@ -309,7 +309,7 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
     """Train one fold (resuming where it stands for the same run hash), then predict its validation
     images with best.pt.
 
-    Rank 0 runs the diagnostics: they read, never change, the model (pipeline/diagnostics.py)."""
+    Rank 0 runs the diagnostics: they read, never change, the model (pipeline/diagnostics/monitor.py)."""
     torch.manual_seed(seed + fold.index)  # each fold's start is independent of the folds before it
     model = build_model(t, in_channels=1 if fold.x_train.ndim == 3 else fold.x_train.shape[3]).to(rt.device)
     if rt.device.type == "cuda":

@@ -1,6 +1,6 @@
 """Load stage: a dataset folder -> compact uint8 arrays + a manifest.
 
-The layout adapter (`pipeline.layouts`, chosen by `data.layout`) lists the files;
+The layout adapter (`pipeline.data.layouts`, chosen by `data.layout`) lists the files;
 this stage reads every image and mask, checks them (readability, shape, mask
 values, pairing, ids) and reports all problems at once, naming each file.
 Writes `train_images.npy`, `train_masks.npy` (0/1), `test_images.npy` and
@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from pipeline import layouts, rle
-from pipeline.artifacts import MANIFEST_COLUMNS, write_interim
-from pipeline.fingerprint import fingerprint as dataset_fingerprint
-from pipeline.io import InputError, read_image, read_mask, write_json
+from pipeline.data import layouts, rle
+from pipeline.data.artifacts import MANIFEST_COLUMNS, write_interim
+from pipeline.data.fingerprint import fingerprint as dataset_fingerprint
+from pipeline.data.io import InputError, read_image, read_mask, write_json
 from pipeline.params import Params
 
 T = TypeVar("T")

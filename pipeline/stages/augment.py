@@ -1,7 +1,7 @@
 """Augment stage: the training-time augmentation pipeline, saved with albumentations' own serializer.
 
 Training reads the saved file instead of params, so what the preview shows is exactly
-what training applies (the transforms themselves are in `pipeline.transforms`).
+what training applies (the transforms themselves are in `pipeline.model.transforms`).
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from typing import Any
 import albumentations as A
 import numpy as np
 
-from pipeline.artifacts import open_arrays, read_manifest, read_plan, save_augmentation
-from pipeline.io import InputError, save_figure
+from pipeline.data.artifacts import open_arrays, read_manifest, read_plan, save_augmentation
+from pipeline.data.io import InputError, save_figure
 from pipeline.params import Params
-from pipeline.transforms import apply, build, sample_seed, working_arrays
+from pipeline.model.transforms import apply, build, sample_seed, working_arrays
 
 PREVIEW_VARIANTS = 3
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.io import read_json, write_text
-from pipeline.render import Section, flatten, render_html, render_md
+from pipeline.data.io import read_json, write_text
+from pipeline.pages.render import Section, flatten, render_html, render_md
 
 KEY_METRICS = (  # (stage, key, column label): the table's metric columns, ranked by the first two
     ("predict", "synthetic_test_dice", "test Dice (synthetic)"),

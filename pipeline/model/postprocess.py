@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from pipeline.artifacts import Thresholds
+from pipeline.data.artifacts import Thresholds
 
 STRUCTURE = np.ones((3, 3), bool)  # 8-connected: diagonal neighbours belong to the same component
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.model import split_outputs
+from pipeline.model.network import split_outputs
 
 TOP_CHANNELS = 20   # bottleneck channels listed by attribution
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.diag_measures import top_channels
+from pipeline.diagnostics.measures import top_channels
 
 SHOWN_CHANNELS = 3  # feature-map channels drawn per layer and image
 CAPTIONS = {

@@ -25,8 +25,8 @@ import pandas as pd
 from scipy import ndimage
 from tqdm import tqdm
 
-from pipeline import rle
-from pipeline.io import atomic_dir, write_csv, write_json, write_png, write_text, write_tiff
+from pipeline.data import rle
+from pipeline.data.io import atomic_dir, write_csv, write_json, write_png, write_text, write_tiff
 from pipeline.params import Params
 
 TWIN_PROBABILITY = 0.35   # chance a frame is a near-identical repeat of the previous one
@@ -211,7 +211,7 @@ def run(params: Params, *, out: str | Path) -> dict[str, float | str]:
 
 
 class LayoutWriter:
-    """Writes samples in one of the layouts the load stage reads (see pipeline.layouts)."""
+    """Writes samples in one of the layouts the load stage reads (see pipeline.data.layouts)."""
 
     def __init__(self, root: Path, layout: str) -> None:
         self.root, self.layout, self.rows = root, layout, []

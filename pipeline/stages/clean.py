@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.artifacts import TRAIN_TRUTH, read_pairs, read_text_csv, read_train_truth, write_kept_manifest
-from pipeline.io import InputError, write_json
+from pipeline.data.artifacts import TRAIN_TRUTH, read_pairs, read_text_csv, read_train_truth, write_kept_manifest
+from pipeline.data.io import InputError, write_json
 from pipeline.params import Params
 
 EMPTY_VS_MASKED = "empty_vs_masked"

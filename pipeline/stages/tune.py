@@ -22,14 +22,14 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from pipeline.artifacts import (SCORE_COLUMNS, Thresholds, open_arrays, read_manifest, read_oof, read_plan,
+from pipeline.data.artifacts import (SCORE_COLUMNS, Thresholds, open_arrays, read_manifest, read_oof, read_plan,
                                 size_chunks, write_oof_scores, write_thresholds)
-from pipeline.io import InputError, save_figure, write_csv, write_json
-from pipeline.metrics import dice_from_counts, dice_per_image
-from pipeline.model import to_native
+from pipeline.data.io import InputError, save_figure, write_csv, write_json
+from pipeline.model.metrics import dice_from_counts, dice_per_image
+from pipeline.model.network import to_native
 from pipeline.params import Params, TuneParams
-from pipeline.postprocess import apply, components, keep, kept_components, min_component_pixels
-from pipeline.rle import encode
+from pipeline.model.postprocess import apply, components, keep, kept_components, min_component_pixels
+from pipeline.data.rle import encode
 
 CHUNK = 32  # images upsampled at once: 32 x 420 x 580 float32 is about 31 MB
 OFF = (False, 0.0)  # component rules off: (keep_largest, min_component)

@@ -2,7 +2,7 @@
 
 Everything that must agree between training and prediction lives here: how the
 model is built from params, how its outputs are unpacked, and how images are
-normalised and resized. What a checkpoint holds is `pipeline/checkpoints.py`.
+normalised and resized. What a checkpoint holds is `pipeline/model/checkpoints.py`.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 A `Section` collects its content twice, as HTML fragments and as Markdown blocks, so one piece of
 code fills both formats; the page skeleton and its style are Jinja2 templates
-(`pipeline/templates/`: `page.html`, `style.css`, `page.md`). The HTML is self-contained: inline
+(`pipeline/pages/templates/`: `page.html`, `style.css`, `page.md`). The HTML is self-contained: inline
 style, images as base64 data URIs, no scripts or external files, so it opens offline.
 """
 from __future__ import annotations
@@ -108,7 +108,7 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
 
 @lru_cache(maxsize=1)
 def _templates() -> Environment:
-    return Environment(loader=PackageLoader("pipeline", "templates"), autoescape=select_autoescape(["html"]),
+    return Environment(loader=PackageLoader("pipeline.pages", "templates"), autoescape=select_autoescape(["html"]),
                        undefined=StrictUndefined, keep_trailing_newline=True)
 
 

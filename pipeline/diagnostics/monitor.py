@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.diag_figures import CAPTIONS, bottleneck_figure, features_figure, filters_figure, health_figure
-from pipeline.diag_measures import (GradTracker, bottleneck_features, capture, dead_fractions, dead_overall,
+from pipeline.diagnostics.figures import CAPTIONS, bottleneck_figure, features_figure, filters_figure, health_figure
+from pipeline.diagnostics.measures import (GradTracker, bottleneck_features, capture, dead_fractions, dead_overall,
                                     init_stds, pca_spectrum, presence_attribution, relu_alive, top_channels,
                                     total_norm, weight_norms)
-from pipeline.diag_rules import gradient_warnings, init_warnings, one_class, plateau_epochs
-from pipeline.io import save_figure, write_json
-from pipeline.model import channels_first
+from pipeline.diagnostics.rules import gradient_warnings, init_warnings, one_class, plateau_epochs
+from pipeline.data.io import save_figure, write_json
+from pipeline.model.network import channels_first
 from pipeline.params import DiagnosticsParams
 
 

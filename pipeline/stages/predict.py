@@ -15,16 +15,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline import layouts, rle
-from pipeline.ids import id_sort_key, numeric_ids
-from pipeline.artifacts import (TEST_TRUTH, Thresholds, check_probabilities, open_arrays, read_manifest,
+from pipeline.data import layouts, rle
+from pipeline.data.ids import id_sort_key, numeric_ids
+from pipeline.data.artifacts import (TEST_TRUTH, Thresholds, check_probabilities, open_arrays, read_manifest,
                                 read_thresholds, size_chunks)
-from pipeline.io import InputError, atomic_path, read_mask, write_json
-from pipeline.metrics import dice_per_image
-from pipeline.checkpoints import CheckpointError, load_checkpoint
-from pipeline.model import input_channels, preprocess, split_outputs, to_native
+from pipeline.data.io import InputError, atomic_path, read_mask, write_json
+from pipeline.model.metrics import dice_per_image
+from pipeline.model.checkpoints import CheckpointError, load_checkpoint
+from pipeline.model.network import input_channels, preprocess, split_outputs, to_native
 from pipeline.params import DataParams, Params
-from pipeline.postprocess import apply
+from pipeline.model.postprocess import apply
 
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.io import InputError
-from pipeline.ids import id_problem, id_sort_key, numeric_ids
+from pipeline.data.io import InputError
+from pipeline.data.ids import id_problem, id_sort_key, numeric_ids
 from pipeline.params import DataParams
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg")
@@ -58,7 +58,7 @@ def list_test_images(folder: str | Path, data: DataParams) -> list[tuple[str, Pa
     "7") for ultrasound, else `ID` + one of IMAGE_SUFFIXES in any case. Raises one InputError
     listing every problem: the folder missing or unreadable, no images, any other file, two files
     of one id (`01.tif` and `1.tif`; `a.png` and `a.jpg`), or an id a submission cannot hold
-    (`pipeline.ids.id_problem`).
+    (`pipeline.data.ids.id_problem`).
     """
     problems: list[str] = []
     found = _test_images(Path(folder), data, problems)

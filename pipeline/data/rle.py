@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.ids import id_problem, numeric_ids
+from pipeline.data.ids import id_problem, numeric_ids
 from pipeline.params import DataParams
 
 KAGGLE_SHAPE = (420, 580)
@@ -211,8 +211,8 @@ def validate_submission_file(submission: str | Path, *, test_dir: str | Path | N
     string is checked against its own image's size (unless `height` and `width` are given). Without
     it the size is `height` x `width`, each defaulting to the Kaggle 420 x 580.
     """
-    from pipeline.io import InputError, image_size
-    from pipeline.layouts import list_test_images
+    from pipeline.data.io import InputError, image_size
+    from pipeline.data.layouts import list_test_images
 
     for name, value in (("height", height), ("width", width)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

@@ -8,7 +8,7 @@ missing gets a note in its section instead of failing the page.
 
 It only reads what the stages wrote: the per-image out-of-fold scores and final masks come
 from the tune stage (`reports/tune/oof_scores.csv`), so this module needs neither torch nor
-the tune stage's code. The page layout lives in `pipeline/render.py` and its templates. The
+the tune stage's code. The page layout lives in `pipeline/pages/render.py` and its templates. The
 ranking of DVC experiments is not part of this stage (experiments are git refs, which no DVC
 stage can depend on): `python -m pipeline compare` writes it.
 """
@@ -24,13 +24,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline.artifacts import (Thresholds, open_arrays, read_manifest, read_oof_presence, read_oof_scores,
+from pipeline.data.artifacts import (Thresholds, open_arrays, read_manifest, read_oof_presence, read_oof_scores,
                                 read_thresholds)
-from pipeline.io import InputError, read_json, write_text
+from pipeline.data.io import InputError, read_json, write_text
 from pipeline.params import Params
-from pipeline.postprocess import keep
-from pipeline.render import Section, flatten, render_html, render_md
-from pipeline.rle import RLEError, decode, parse_runs
+from pipeline.model.postprocess import keep
+from pipeline.pages.render import Section, flatten, render_html, render_md
+from pipeline.data.rle import RLEError, decode, parse_runs
 
 STAGES = (  # (stage, what its metrics mean)
     ("load", "dataset size and how many masks are empty"),

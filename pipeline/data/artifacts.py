@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.errors import InputError
-from pipeline.io import atomic_dir, atomic_path, read_json, write_csv, write_json, write_npy
+from pipeline.data.io import atomic_dir, atomic_path, read_json, write_csv, write_json, write_npy
 
 # ---------------------------------------------------------------- interim arrays + manifest (load)
 
@@ -266,7 +266,7 @@ class Thresholds:
     """A pixel is foreground when its probability is above `pixel`; 8-connected components smaller than
     `min_component` x the image area are dropped and, with `keep_largest`, all but the largest; a mask
     is then kept only if its presence probability is at least `presence` and its area at least
-    `min_area` native pixels (the order and details: `pipeline.postprocess`)."""
+    `min_area` native pixels (the order and details: `pipeline.model.postprocess`)."""
     pixel: float = 0.5
     presence: float = 0.5
     min_area: int = 0

@@ -1,0 +1,1 @@
+"""Training diagnostics: the monitor, its measures, rules and figures."""

@@ -1,0 +1,1 @@
+"""Pages people read: the report's and compare's rendering and templates."""
