@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import stat
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -31,7 +32,7 @@ from pydantic_core import PydanticCustomError
 
 __all__ = ["ParamsError", "Params", "DataParams", "SynthParams", "DedupParams", "CleanParams", "AugmentParams",
            "TrainParams", "DiagnosticsParams", "TuneParams", "PredictParams", "ReportParams",
-           "UniqueKeyLoader", "parse_params", "load_params", "to_dict"]
+           "UniqueKeyLoader", "parse_params", "parse_yaml", "load_params", "to_dict"]
 
 
 class ParamsError(ValueError):
@@ -324,6 +325,7 @@ def _dotted(prefix: str, loc: tuple[Any, ...]) -> str:
 def _message(cls: type, prefix: str, err: Any) -> str:
     """One pydantic error -> 'dotted.key: what is wrong (what was expected)'."""
     loc, kind, value, ctx = tuple(err["loc"]), err["type"], err["input"], err.get("ctx") or {}
+    value = _Shown(_clip(repr(value)))   # echoed as {value!r}: a 50 MB value must not make a 50 MB line
     _, hint = _section_at(cls, loc)
     key = _dotted(prefix, loc)
     if kind == "invalid_key":
@@ -411,12 +413,64 @@ def parse_params(raw: Any) -> Params:
 
 # ---------------------------------------------------------------- YAML
 
+MAX_PARAMS_BYTES = 1 << 20    # a params file is a few KB; a larger one is refused before it is parsed
+MAX_PARAMS_NODES = 100_000    # YAML values after expanding aliases (an alias bomb expands exponentially)
+MAX_SHOWN = 80                # characters of a value an error message echoes
+
+# YAML 1.2's floats: `1e-5`, `1E5` and `.5e-3` are numbers, as DVC (`dvc exp run -S train.lr=1e-5` writes
+# `lr: 1e-05`), JSON and people write them; PyYAML's YAML 1.1 rules need a dot and a signed exponent.
+_FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                    |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X)
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+
+
+def _clip(text: str, most: int = MAX_SHOWN) -> str:
+    """`text`, cut to `most` characters with how long it was (an error line must stay one short line)."""
+    return text if len(text) <= most else f"{text[:most]}... ({len(text):,} characters)"
+
+
+class _Shown(str):
+    """A value's repr, clipped: `f"{_Shown(...)!r}"` gives the clipped text itself."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently),
+    reads YAML 1.2 floats (`1e-5`) as numbers, and refuses more than MAX_PARAMS_NODES values once
+    aliases are expanded."""
+
+    yaml_implicit_resolvers = {
+        first: [(tag, _FLOAT if tag == _FLOAT_TAG else regexp) for tag, regexp in resolvers]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 
     def construct_document(self, node: yaml.Node) -> Any:
         self._check_unique(node, "", set())
+        if self._expanded_size(node, {}) > MAX_PARAMS_NODES:
+            raise ParamsError(f"more than {MAX_PARAMS_NODES:,} values once YAML aliases are expanded "
+                              "(an alias bomb, or an alias inside itself?)")
         return super().construct_document(node)
+
+    def _expanded_size(self, node: yaml.Node, sizes: dict[int, int]) -> int:
+        """How many values `node` stands for with every alias expanded (each shared node counted once)."""
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = MAX_PARAMS_NODES + 1   # a recursive anchor expands without end
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        size = 1
+        for child in children:
+            size = min(size + self._expanded_size(child, sizes), MAX_PARAMS_NODES + 1)
+        sizes[id(node)] = size
+        return size
 
     def _check_unique(self, node: yaml.Node, path: str, seen: set[int]) -> None:
         if id(node) in seen:   # an alias (or a recursive anchor) was checked where it was defined
@@ -439,10 +493,37 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 self._check_unique(item, f"{path}[{i}]", seen)
 
 
+def parse_yaml(text: str | bytes) -> Any:
+    """Parse params YAML as `load_params` does (unique keys, `1e-5` a number, aliases bounded); raises
+    yaml.YAMLError or ParamsError. For every reader of a params file (e.g. the experiments page)."""
+    if len(text) > MAX_PARAMS_BYTES:
+        raise ParamsError(f"{len(text):,} bytes (a params file is at most {MAX_PARAMS_BYTES:,})")
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise ParamsError("values nested too deeply") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: what is wrong and where (its own text adds a snippet over three lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = " ".join(p for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
+    if mark is None or not problem:
+        return " ".join(str(exc).split())
+    return f"{problem}, line {mark.line + 1}, column {mark.column + 1}"
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read, parse and validate a params file; every problem is one ParamsError starting with the path."""
     path = Path(path)
     try:
+        info = path.stat()
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError
+        if not stat.S_ISREG(info.st_mode):   # a FIFO would block the read for ever
+            raise ParamsError(f"{path}: not a regular file, so not a params file")
+        if info.st_size > MAX_PARAMS_BYTES:
+            raise ParamsError(f"{path}: {info.st_size:,} bytes; a params file is at most {MAX_PARAMS_BYTES:,}")
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found") from None
@@ -454,12 +535,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except OSError as exc:
         raise ParamsError(f"{path}: cannot read the params file ({exc.strerror or exc})") from None
     try:
-        raw = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-        return parse_params(raw)
+        return parse_params(parse_yaml(text))
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML ({exc})") from None
+        raise ParamsError(f"{path}: not valid YAML ({_clip(_yaml_problem(exc), 400)})") from None
     except ParamsError as exc:
-        raise ParamsError("\n".join(f"{path}: {line}" for line in str(exc).splitlines())) from None
+        raise ParamsError("\n".join(f"{path}: {_clip(line, 400)}" for line in str(exc).splitlines())) from None
 
 
 def to_dict(params: Any) -> dict[str, Any]:

@@ -86,3 +86,17 @@ def test_compare_imports_neither_the_report_nor_torch():
             "print(sorted(m for m in ('torch', 'pipeline.stages.report', 'pipeline.stages.tune') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_scientific_notation_in_params_is_the_same_number(tmp_path):
+    """`lr: 1e-03` (as `dvc exp run -S` writes it) and `lr: 0.001` are one value, not a difference."""
+    repo = _repo(tmp_path)
+    base = _commit(repo, "drop_empty", 0.7, "baseline")
+    (repo / "params.yaml").write_text("clean:\n  policy: none\ntrain:\n  lr: 1e-03\n")
+    _git(repo, "commit", "-qam", "exp")
+    _git(repo, "update-ref", f"refs/exps/{base[:2]}/{base[2:]}/exp-sci", _git(repo, "rev-parse", "HEAD"))
+    _git(repo, "reset", "-q", "--hard", base)
+    (repo / "params.yaml").write_text("clean:\n  policy: drop_empty\ntrain:\n  lr: 1e-3\n")
+    _, md = _compare(repo)
+    table = md.split("## Experiments ranked by Dice")[1]
+    assert "clean.policy" in table and "train.lr" not in table

@@ -195,3 +195,97 @@ def test_foreground_labels_and_object_name():
         assert str(info.value).startswith(message), str(info.value)
     with pytest.raises(ParamsError, match="data.object_name: expected a non-empty string"):
         parse_params({"data": {"object_name": ""}})
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("train:\n  lr: 1e-5\n", 1e-5), ("train:\n  lr: 1e-05\n", 1e-5), ("train:\n  lr: 1E-3\n", 1e-3),
+    ("train:\n  lr: 2.5e-4\n", 2.5e-4), ("train:\n  lr: 1.0e-5\n", 1e-5), ("train:\n  lr: 5e+0\n", 5.0),
+    ("train:\n  lr: 0.00001\n", 1e-5), ("train:\n  lr: .5e-3\n", 5e-4)])
+def test_scientific_notation_is_a_number(tmp_path, text, expected):
+    """YAML 1.1 reads `1e-5` as a string; DVC's `-S train.lr=1e-5` and people write it as a number."""
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    assert load_params(path).train.lr == expected
+    assert yaml.load(text, Loader=UniqueKeyLoader)["train"]["lr"] == expected
+
+
+def test_scientific_notation_in_an_integer_key_is_still_refused(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 1e3\ntrain:\n  epochs: 1e1\n")
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    assert str(info.value).splitlines() == [f"{path}: seed: expected an integer from 0 to 4294967295, got 1000.0",
+                                            f"{path}: train.epochs: expected an integer, got 10.0 (or auto)"]
+
+
+def test_dvc_exp_run_set_small_floats_end_to_end(tmp_path):
+    """The README's `dvc exp run -S` workflow: DVC writes `lr: 1e-05` into params.yaml, and a stage that
+    loads the params with our loader must read it as the number it is (a tiny DVC project, one stage)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    repo = Path(__file__).parents[1]
+    dvc = Path(sys.executable).with_name("dvc")
+    git = shutil.which("git")
+    if git is None or not dvc.exists():
+        pytest.skip("needs git and dvc")
+    shutil.copy(REPO_PARAMS, tmp_path / "params.yaml")
+    (tmp_path / "stage.py").write_text(
+        "import json\nfrom pipeline.params import load_params\n\nt = load_params().train\n"
+        "json.dump({'lr': t.lr, 'weight_decay': t.weight_decay}, open('out.json', 'w'))\n")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"read": {
+        "cmd": f"{sys.executable} stage.py", "deps": ["stage.py"], "params": ["train.lr", "train.weight_decay"],
+        "outs": ["out.json"]}}}))
+    env = {**os.environ, "PYTHONPATH": str(repo), "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def sh(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+
+    for args in ([git, "init", "-q"], [str(dvc), "init", "-q"], [git, "add", "-A"],
+                 [git, "commit", "-qm", "init"]):
+        assert sh(*args).returncode == 0, args
+    result = sh(str(dvc), "exp", "run", "-S", "train.lr=1e-5", "-S", "train.weight_decay=0.00001")
+    assert result.returncode == 0, result.stdout + result.stderr
+    written = yaml.safe_load((tmp_path / "params.yaml").read_text())["train"]
+    assert written["lr"] in ("1e-05", "1e-5")    # DVC writes it so that YAML 1.1 reads a string
+    assert json.loads((tmp_path / "out.json").read_text()) == {"lr": 1e-5, "weight_decay": 1e-5}
+
+
+def test_alias_bomb_huge_values_and_deep_nesting_end_in_one_short_line(tmp_path):
+    """No MemoryError, no 72 MB error line: the file size and expanded aliases are bounded, and an error
+    echoes at most a few dozen characters of a value."""
+    path = tmp_path / "params.yaml"
+    names = "abcdefghij"
+    path.write_text("a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+        f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip(names, names[1:])))
+    with pytest.raises(ParamsError, match=r"more than 100,000 values once YAML aliases are expanded") as info:
+        load_params(path)
+    assert "\n" not in str(info.value)
+    path.write_text("x: &x [*x]\n")
+    with pytest.raises(ParamsError, match="YAML aliases"):
+        load_params(path)
+    path.write_text("seed: '" + "x" * 500_000 + "'\ntrain:\n  " + "k" * 1000 + ": 1\n")
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 2 and all(len(line) < 600 for line in lines), [len(line) for line in lines]
+    assert lines[0].startswith(f"{path}: seed: expected an integer") and "(500,002 characters)" in lines[0]
+    path.write_text("data:\n  raw_dir: '" + "x" * 2_000_000 + "'\n")
+    with pytest.raises(ParamsError, match=r"2,000,020 bytes; a params file is at most 1,048,576"):
+        load_params(path)
+    path.write_text("train:\n  decoder_channels: " + "[" * 3000 + "]" * 3000 + "\n")
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    assert len(str(info.value)) < 600
+
+
+def test_a_fifo_is_not_read_as_params(tmp_path):
+    import os
+
+    fifo = tmp_path / "params.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(ParamsError, match="not a regular file"):
+        load_params(fifo)

@@ -23,6 +23,7 @@ import yaml
 
 from pipeline.data.io import read_json, write_text
 from pipeline.pages.render import Section, flatten, render_html, render_md
+from pipeline.params import parse_yaml
 
 KEY_METRICS = (  # (stage, key, column label): the table's metric columns, ranked by the first two
     ("predict", "synthetic_test_dice", "test Dice (synthetic)"),
@@ -106,7 +107,7 @@ def read_experiments(repo: Path, reports: Path, params_path: Path) -> list[dict[
     for i, (name, sha, base) in enumerate(revs):
         stage_metrics = {st: _load(blobs[len(revs) * (1 + j) + i], json.loads) for j, st in enumerate(stages)}
         rows.append({"name": name, "rev": sha[:7], "baseline": base[:7],
-                     "params": flatten(_load(blobs[i], yaml.safe_load)),
+                     "params": flatten(_load(blobs[i], parse_yaml)),
                      "metrics": {label: stage_metrics[st].get(key) for st, key, label in KEY_METRICS}})
     return rows
 
@@ -135,8 +136,8 @@ def experiments(repo: Path, reports: Path, params_path: Path) -> Section:
                "(README, \"Comparing runs\"), then run `python -m pipeline compare` again.")
         return s
     try:
-        params = flatten(yaml.safe_load(params_path.read_text()))
-    except (OSError, ValueError):
+        params = flatten(parse_yaml(params_path.read_text()))
+    except (OSError, ValueError, yaml.YAMLError):
         params = {}
     current = _workspace_metrics(reports)
     rows.insert(0, {"name": "current run (workspace)", "rev": "workspace", "baseline": "", "params": params,
