@@ -21,7 +21,7 @@ Variants (`--variant`):
               windows only from test images, so no source image is on both sides, and our
               folds group the windows of one source image (`data.group_column`)
 
-    python benchmarks/bench_peer.py [--variant full|empty-rich] [--budget 6000] [--seeds 42 43]
+    python benchmarks/bench_peer.py [--variant full|empty-rich] [--budget N] [--seeds 42 43]
                                     [--work /tmp/bench_peer] [--install]
 
 Data: "USGRA-seg dataset, tmkand/usgra-seg, CC-BY 4.0" (read from ../shared/datasets/usgra-seg,
@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.stages import augment, clean, dedup, load, plan, predict, train, tune  # noqa: E402
 from pipeline.data import rle
-from pipeline.data.artifacts import read_plan, read_training_manifest  # noqa: E402
+from pipeline.data.artifacts import read_plan, read_plan_estimate, read_training_manifest  # noqa: E402
 from pipeline.data.io import read_image, read_mask, write_json  # noqa: E402
 from pipeline.model.metrics import dice_per_image  # noqa: E402
 from pipeline.params import Params  # noqa: E402
@@ -261,8 +261,7 @@ def our_params(variant: Variant, seed: int, folds: int, overrides: list[str] = (
     data = dataclasses.replace(base.data, raw_dir=str(variant.raw), layout="folders", foreground=variant.foreground,
                                group_column="group" if variant.group_csv else None,
                                csv_file=variant.group_csv or base.data.csv_file, id_column="id")
-    p = dataclasses.replace(base, seed=seed, data=data,
-                            train=dataclasses.replace(base.train, folds=folds, train_folds=folds))
+    p = dataclasses.replace(base, seed=seed, data=data, train=dataclasses.replace(base.train, folds=folds))
     return with_overrides(p, list(overrides))
 
 
@@ -277,13 +276,18 @@ def _fold_steps(manifest: Path, n_rows: int, folds: int, trained: int, batch: in
     return total
 
 
-def run_ours(variant: Variant, seed: int, folds: int, budget: int, root: Path,
+def run_ours(variant: Variant, seed: int, folds: int, budget: int | None, root: Path,
              epochs: int | None, overrides: list[str] = ()) -> dict:
-    """The stage chain under `root`; returns scores, image-steps and seconds."""
+    """The stage chain under `root`; returns scores, image-steps and seconds. `budget` (image-steps)
+    is spent by the plan (None: its default, `train.budget: auto`); `epochs` overrides the plan's."""
     if root.exists():
         shutil.rmtree(root)  # train resumes a matching run hash: start clean
     root.mkdir(parents=True)
     p = our_params(variant, seed, folds, overrides)
+    if budget is not None:
+        p = dataclasses.replace(p, train=dataclasses.replace(p.train, budget=budget))
+    if epochs is not None:
+        p = dataclasses.replace(p, train=dataclasses.replace(p.train, epochs=epochs))
     clock = Clock()
     interim, plan_json = root / "interim", root / "plan.json"
     load.run(p, raw=variant.raw, out=interim, metrics=root / "load.json", fingerprint=root / "fingerprint.json")
@@ -291,12 +295,11 @@ def run_ours(variant: Variant, seed: int, folds: int, budget: int, root: Path,
     dedup.run(p, interim=interim, plan=plan_json, out=root / "dedup", reports=root / "dedup_reports", progress=False)
     clean.run(p, interim=interim, dedup=root / "dedup", raw=variant.raw, out=root / "processed",
               metrics=root / "clean.json")
-    batch = read_plan(plan_json).apply(p).train.batch_size
+    planned = read_plan(plan_json).apply(p).train
+    batch, epochs, trained_folds = planned.batch_size, planned.epochs, planned.train_folds
     n_rows = len(pd.read_csv(interim / "manifest.csv").query("split == 'train'"))
-    per_epoch = _fold_steps(root / "processed" / "manifest.csv", n_rows, folds, p.train.train_folds, batch, seed)
-    if epochs is None:
-        epochs = max(1, round(budget / per_epoch))
-    p = dataclasses.replace(p, train=dataclasses.replace(p.train, epochs=epochs))
+    per_epoch = _fold_steps(root / "processed" / "manifest.csv", n_rows, folds, trained_folds, batch, seed)
+    estimate = read_plan_estimate(plan_json)
     augment.run(p, interim=interim, plan=plan_json, out=root / "augment.json", preview=root / "preview.png")
     train_clock = Clock()
     trained = train.run(p, interim=interim, manifest=root / "processed" / "manifest.csv",
@@ -318,8 +321,9 @@ def run_ours(variant: Variant, seed: int, folds: int, budget: int, root: Path,
         truths[stem] = variant.truth(mask_path)
         preds[stem] = rle.decode(encoded.get(stem, ""), truths[stem].shape, order, p.data.rle_start)
     return {**score(preds, truths), "image_steps": per_epoch * epochs, "train_wall": train_wall,
-            "train_cpu": train_cpu, "wall": wall, "cpu": cpu,
-            "detail": f"{p.train.train_folds} of {folds} folds x {epochs} epochs, batch {batch}, "
+            "train_cpu": train_cpu, "wall": wall, "cpu": cpu, "estimated_train_seconds": estimate["train_seconds"],
+            "detail": f"{trained_folds} of {folds} folds x {epochs} epochs, batch {batch}, "
+                      f"plan's estimate {estimate['train_seconds']:.0f} s vs {train_wall:.0f} s, "
                       f"{per_epoch} image-steps/epoch (trained folds); OOF Dice {trained.get('dice')}, predict's own test Dice {summary.get('test_dice')}"}
 
 
@@ -451,8 +455,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variant", choices=("full", "empty-rich"), default="full")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="USGRA-seg folder (read only)")
-    ap.add_argument("--budget", type=int, default=6000,
-                    help="training image-steps per method (images per step x steps), both methods")
+    ap.add_argument("--budget", type=int,
+                    help="training image-steps (images per step x steps), both methods (default: our plan's "
+                         "train.budget: auto, 24 x the training images)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[42])
     ap.add_argument("--folds", type=int, default=4, help="our folds (all trained, averaged at prediction)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_peer"), help="scratch folder outside the repo")
@@ -469,7 +474,14 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a params.yaml setting for this pipeline only, e.g. train.loss=lovasz (repeatable)")
     ap.add_argument("--ours-only", action="store_true", help="skip nnU-Net (technique comparisons)")
+    ap.add_argument("--nnunet-only", action="store_true",
+                    help="only nnU-Net, for exactly --budget image-steps (pair with an --ours-only run of that "
+                         "budget: benchmarks/peer_table.py joins the result files by variant, scale and seed)")
     args = ap.parse_args()
+    if args.ours_only and args.nnunet_only:
+        sys.exit("error: --ours-only and --nnunet-only exclude each other")
+    if args.nnunet_only and args.budget is None:
+        sys.exit("error: --nnunet-only needs --budget (the image-steps of the --ours-only run to match)")
 
     work = args.work.resolve()
     if work == REPO or REPO in work.parents:
@@ -492,6 +504,16 @@ def main() -> None:
     tables: dict[int, dict[str, dict]] = {}
     for seed in args.seeds:
         began = time.perf_counter()
+        if args.nnunet_only:
+            peer = run_nnunet(variant, seed, args.budget, work, args.nnunet_epochs, args.nnunet_iterations,
+                              not args.no_nnunet_tta, preprocessed)
+            print(f"seed {seed} ({time.perf_counter() - began:.0f} s), {args.variant}, scale {args.scale}: nnU-Net test "
+                  f"Dice {peer['dice']:.4f}, IoU {peer['iou']:.4f}, {peer['image_steps']} image-steps, train CPU "
+                  f"{peer['train_cpu']:.0f} s; {peer['detail']}", flush=True)
+            write_json(work / f"results_{args.variant}_nnunet_seed_{seed}.json",
+                       {"variant": args.variant, "scale": args.scale, "budget": args.budget, "seed": seed,
+                        "overrides": [], "rows": {"nnU-Net v2 2d": peer}})
+            continue
         ours = run_ours(variant, seed, args.folds, args.budget, work / "ours" / f"seed_{seed}", args.our_epochs,
                         args.overrides)
         rows = {"this pipeline": ours}

@@ -172,13 +172,25 @@ class TrainParams:
         "auto", description="Pixels of the auto working size; auto: 12,288 on a CPU (96x128), 262,144 on a GPU.")
     resize: Literal["stretch", "pad"] = Field(
         "stretch", description="To the working size: stretch, or keep the aspect ratio and reflect-pad.")
-    epochs: Int = Field(8, ge=1, description="Epochs per fold.")
+    budget: Auto | Annotated[Int, Field(ge=1)] = Field(
+        "auto", description="Training image-steps (images per optimizer step x steps) over all trained folds, "
+                            "spent by the plan on train_folds, epochs and batch_size where they are auto; auto: "
+                            "budget_minutes' worth when that is set, else 24 x the training images.")
+    budget_minutes: Float = Field(0.0, ge=0.0, description="Train for about this many minutes on this device "
+                                                           "instead (0: off); the plan's throughput probe turns "
+                                                           "them into image-steps.")
+    min_fold_steps: Int = Field(500, ge=1, description="Optimizer steps each trained fold gets at least (auto "
+                                                       "train_folds): a small budget trains fewer, longer folds.")
+    epochs: Auto | Annotated[Int, Field(ge=1)] = Field(
+        "auto", description="Epochs per trained fold; auto: the budget spread over the trained folds.")
     batch_size: Auto | Annotated[Int, Field(ge=1)] = Field(
-        "auto", description="Images per training step; auto: 16 on a CPU, more with GPU memory.")
+        "auto", description="Images per training step; auto: 8 on a CPU, more with GPU memory.")
     lr: Float = Field(1e-3, gt=0.0, description="Peak learning rate of the one-cycle schedule (AdamW).")
     weight_decay: Float = Field(1e-4, ge=0.0, description="AdamW weight decay.")
     folds: Int = Field(4, ge=2, description="Subject-grouped folds.")
-    train_folds: Int = Field(4, ge=1, description="Folds actually trained (0..train_folds-1); <= folds.")
+    train_folds: Auto | Annotated[Int, Field(ge=1)] = Field(
+        "auto", description="Folds actually trained (0..train_folds-1), <= folds; auto: as many as the budget "
+                            "gives min_fold_steps optimizer steps each, at least 1.")
     bce_weight: Float = Field(1.0, ge=0.0, description="Weight of the pixel BCE loss.")
     dice_weight: Float = Field(1.0, ge=0.0, description="Weight of the soft Dice loss.")
     presence_weight: Float = Field(0.5, ge=0.0, description="Weight of the presence BCE loss.")
@@ -195,7 +207,10 @@ class TrainParams:
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainParams:
-        if self.train_folds > self.folds:
+        if self.budget != "auto" and self.budget_minutes > 0:
+            raise _cross("budget_minutes", f"{self.budget_minutes!r} is set, and so is train.budget "
+                                           f"({self.budget}): set one of them")
+        if self.train_folds != "auto" and self.train_folds > self.folds:
             raise _cross("train_folds", f"{self.train_folds} is more than train.folds ({self.folds})")
         if len(self.decoder_channels) != self.encoder_depth:
             raise _cross("decoder_channels", f"needs {self.encoder_depth} entries (one per train.encoder_depth "
@@ -239,6 +254,9 @@ class TuneParams:
         (0.0, 0.0005, 0.001, 0.002), min_length=1,
         description="Candidates: drop 8-connected components smaller than this fraction of the image area. "
                     "Components off (no keep_largest, 0) is always a candidate and wins ties.")
+    min_gain_se: Float = Field(
+        1.0, ge=0.0, description="Keep the untuned 0.5 / 0.5 / 0 unless the best candidate beats it on OOF Dice by "
+                                 "more than this many standard errors of the per-image difference (0: any gain).")
 
 
 @dataclass(frozen=True, config=_CONFIG)

@@ -39,12 +39,12 @@ def test_partial_file_overrides_only_its_keys(tmp_path):
     path.write_text("seed: 7\ntrain:\n  epochs: 2\n")
     p = load_params(path)
     assert (p.seed, p.train.epochs) == (7, 2)
-    assert dataclasses.replace(p, seed=42, train=dataclasses.replace(p.train, epochs=8)) == load_params(REPO_PARAMS)
+    assert dataclasses.replace(p, seed=42, train=dataclasses.replace(p.train, epochs="auto")) == load_params(REPO_PARAMS)
 
 
 def test_repo_params_yaml_values():
     p = load_params(REPO_PARAMS)
-    assert (p.seed, p.train.epochs, p.train.folds, p.train.train_folds) == (42, 8, 4, 4)
+    assert (p.seed, p.train.epochs, p.train.folds, p.train.train_folds, p.train.budget) == (42, "auto", 4, "auto", "auto")
     assert p.train.decoder_channels == (128, 64, 32, 16, 8) and isinstance(p.train.decoder_channels, tuple)
     assert p.data.submission_columns == ("img", "pixels") and isinstance(p.data.submission_columns, tuple)
     assert p.data.rle_start == 1 and type(p.data.rle_start) is int
@@ -98,7 +98,8 @@ def test_bad_values_name_the_key(raw, key):
     ({"train": {"decoder_channels": [0, 0, 0, 0, 0]}}, "train.decoder_channels[0]: 0 is out of range (must be >= 1)"),
     ({"train": {"encoder_depth": 3}},
      "train.decoder_channels: needs 3 entries (one per train.encoder_depth level), got 5"),
-    ({"train": {"folds": 2}}, "train.train_folds: 4 is more than train.folds (2)"),
+    ({"train": {"folds": 2, "train_folds": 4}}, "train.train_folds: 4 is more than train.folds (2)"),
+    ({"train": {"budget": 1000, "budget_minutes": 5.0}}, "train.budget_minutes: 5.0 is set, and so is train.budget (1000): set one of them"),
     ({"train": {"amp": 1}}, "train.amp: expected true or false, got 1"),
     ({"train": {"lr": float("inf")}}, "train.lr: expected a finite number > 0.0, got inf"),
     ({"augment": {"gamma_low": 130}}, "augment.gamma_low: 130.0 must not exceed augment.gamma_high (120.0)"),

@@ -306,3 +306,14 @@ def test_default_words_are_the_nerve_ones(run_dir, tiny_interim):
     assert "| subjects | 3 |" in summary and "groups (one image each)" not in summary
     assert report._plural("artery") == "arteries" and report._plural("mass") == "masses"
     assert report._plural("salt deposit") == "salt deposits" and report._plural("day") == "days"
+
+
+def test_training_time_sets_the_plans_estimate_against_the_actual_time() -> None:
+    estimate = {"train_seconds": 300.0, "image_steps": 4864,
+                "probe": {"train_seconds_per_image": 0.05, "device": "cpu", "threads": 2}}
+    line = report.training_time(estimate, {"train_seconds": 250.0})
+    assert "estimated 5.0 min for 4,864 image-steps" in line and "20.0 images/s on cpu, 2 threads" in line
+    assert "took 4.2 min (estimate / actual 1.20)" in line
+    assert "no actual time yet" in report.training_time(estimate, None)
+    assert "made no estimate" in report.training_time(None, {"train_seconds": 250.0})
+    assert "made no estimate" in report.training_time({"train_seconds": "soon"}, None)  # hand-edited: no traceback

@@ -291,3 +291,51 @@ def test_search_time_with_and_without_components():
     _, chosen, _ = tune.search(prob, truth, rows, presence, p)
     on = time.perf_counter() - start
     assert chosen.keep_largest and on < 2.0, (off, on)
+
+
+# ---------------------------------------------------------------- the one-standard-error rule
+
+NEAR_DEFAULT = TuneParams(pixel_thresholds=(0.4, 0.5), presence_thresholds=(0.0, 0.5), min_areas=(0,),
+                          keep_largest=(False,), min_component_fractions=(0.0,))
+
+
+def _faint(gaining: int, losing: int, n: int = 30) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n images with a bright nerve (any threshold finds it), except `gaining` nerves at p=0.45 (only pixel
+    0.4 finds them) and `losing` empty frames with a p=0.45 blob (only pixel 0.5 keeps them empty)."""
+    prob = np.zeros((n, 32, 32), np.float32)
+    truth = np.zeros((n, 32, 32), np.uint8)
+    truth[:, 8:18, 8:18] = 1
+    prob[:, 8:18, 8:18] = 0.9
+    prob[:gaining, 8:18, 8:18] = 0.45
+    truth[gaining:gaining + losing] = 0
+    prob[gaining:gaining + losing] = 0
+    prob[gaining:gaining + losing, 20:28, 20:28] = 0.45
+    return prob, truth, np.full(n, 0.9, np.float32)
+
+
+def test_beats_default_needs_a_gain_larger_than_its_standard_error() -> None:
+    assert tune.beats_default(np.ones(30), np.r_[np.zeros(10), np.ones(20)], 1.0)[0]  # 10 of 30 better
+    noisy = np.r_[1.0, 1.0, 0.0, np.ones(27)], np.r_[0.0, 0.0, 1.0, np.ones(27)]
+    ok, gain, se = tune.beats_default(*noisy, 1.0)
+    assert not ok and gain == pytest.approx(1 / 30) and se > gain
+    assert tune.beats_default(*noisy, 0.0)[0]  # 0: any gain
+    assert not tune.beats_default(np.ones(1), np.zeros(1), 1.0)[0]  # one image proves nothing
+
+
+def test_a_gain_within_the_noise_keeps_the_untuned_defaults() -> None:
+    prob, truth, presence = _faint(gaining=2, losing=1)
+    _, chosen, metrics = tune.search(prob, truth, np.arange(30), presence, NEAR_DEFAULT)
+    assert chosen == Thresholds() and metrics["tuned"] is False
+    assert metrics["gain_over_default"] == pytest.approx(1 / 30, abs=1e-5)  # metrics are rounded to 5 places
+    assert metrics["dice_best"] == pytest.approx(metrics["dice_default"])
+    _, chosen, metrics = tune.search(prob, truth, np.arange(30), presence,
+                                     dataclasses.replace(NEAR_DEFAULT, min_gain_se=0.0))
+    assert chosen.pixel == 0.4 and metrics["tuned"] is True
+
+
+def test_a_clear_gain_is_tuned() -> None:
+    prob, truth, presence = _faint(gaining=10, losing=0)
+    _, chosen, metrics = tune.search(prob, truth, np.arange(30), presence, NEAR_DEFAULT)
+    assert chosen.pixel == 0.4 and metrics["tuned"] is True
+    assert metrics["gain_over_default"] == pytest.approx(1 / 3, abs=1e-5)
+    assert metrics["gain_over_default"] > metrics["gain_standard_error"] > 0

@@ -372,10 +372,20 @@ class Plan:
         return params
 
 
-def write_plan(path: str | Path, plan: Plan, basis: dict[str, Any]) -> None:
+def write_plan(path: str | Path, plan: Plan, basis: dict[str, Any], estimate: dict[str, Any]) -> None:
     """`plan.json`: the values (flat dotted keys, so `dvc exp show` lists them), the automatic keys,
-    and the facts they were resolved from."""
-    write_json(path, {"values": plan.values, "automatic": list(plan.automatic), "basis": basis})
+    the facts they were resolved from, and the estimated training time (`estimate`: train_seconds,
+    image_steps, optimizer_steps_per_fold, and the measured `probe` rates it came from)."""
+    write_json(path, {"values": plan.values, "automatic": list(plan.automatic), "basis": basis,
+                      "estimate": estimate})
+
+
+def read_plan_estimate(path: str | Path) -> dict[str, Any] | None:
+    """The plan's training-time estimate (None for a plan written before estimates existed)."""
+    estimate = read_json(path).get("estimate")
+    if estimate is not None and not (isinstance(estimate, dict) and isinstance(estimate.get("train_seconds"), (int, float))):
+        raise InputError(f"{path}: estimate.train_seconds is not a number (run the plan stage again)")
+    return estimate
 
 
 def read_plan(path: str | Path) -> Plan:

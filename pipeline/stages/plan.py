@@ -11,24 +11,38 @@ were automatic and the facts they came from. Every later stage applies it to its
 - dedup blocks (`dedup.grid`): about 20-px blocks at the median size (420x580: [21, 29], the
   same features as 20-px blocks); `dedup.scope`: within a subject when the data has groups;
 - minimum areas (`tune.min_areas`): `tune.min_area_fractions` of the median image area;
-- `train.batch_size` and `train.workers` from the device (GPU memory, CPU cores).
+- `train.batch_size` and `train.workers` from the device (GPU memory, CPU cores);
+- the training budget (`train.budget`, image-steps: images per optimizer step x steps, over all
+  trained folds; auto: 24 x the training images, or `train.budget_minutes` of this device's
+  measured throughput) spent on `train.train_folds` and `train.epochs`: as many folds as get
+  `train.min_fold_steps` optimizer steps each (one long model beats several short ones on a
+  small budget; a large budget trains every fold, for the full out-of-fold set and the
+  ensemble), the epochs spreading the budget over them.
+
+Before training starts the plan times a few real training steps of the planned network on this
+device (`pipeline/model/probe.py`) and writes the run's estimated training time to `plan.json`
+(`estimate`); the report sets it against the actual time.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from pipeline.data.artifacts import Plan, write_plan
 from pipeline.errors import InputError
 from pipeline.data.io import read_json
-from pipeline.params import Params
+from pipeline.model.probe import Throughput
+from pipeline.params import Params, TrainParams
 
 CPU_BUDGET, GPU_BUDGET = 12_288, 262_144
 BLOCK = 20   # px per dedup block side at the median size
+CPU_BATCH = 8  # more optimizer steps per image-step than 16; measured better on real data (README "plan")
+BUDGET_PER_IMAGE = 24  # auto budget: image-steps per training image (what 4 folds x 8 epochs of 3/4 of them take)
 
 
 def working_size(height: float, width: float, budget: int) -> tuple[int, int]:
@@ -53,8 +67,10 @@ def device_facts() -> dict[str, Any]:
     return {"device": "cpu", "cpu_cores": cores}
 
 
-def resolve(params: Params, facts: dict[str, Any], device: dict[str, Any]) -> Plan:
-    """The plan: every planned knob's value, resolved where it is `auto` in `params`, else as given."""
+def resolve(params: Params, facts: dict[str, Any], device: dict[str, Any],
+            probe: Callable[[TrainParams], Throughput]) -> tuple[Plan, dict[str, Any]]:
+    """The plan (every planned knob's value, resolved where it is `auto` in `params`, else as
+    given) and the training-time estimate; `probe` times the resolved network on this device."""
     t, values = params.train, {}
     gpu = device["device"] == "cuda"
     budget = t.pixel_budget if t.pixel_budget != "auto" else GPU_BUDGET if gpu else CPU_BUDGET
@@ -64,15 +80,58 @@ def resolve(params: Params, facts: dict[str, Any], device: dict[str, Any]) -> Pl
     values["train.height"], values["train.width"] = height, width
     memory = device.get("gpu_memory_gib", 0)
     values["train.batch_size"] = (int(np.clip(2 ** int(math.log2(max(1.0, memory * 2**30 / (pixels * 4 * 2**10)))), 8, 64))
-                                  if gpu else 16)  # about 4 KiB of activations per pixel, a power of two
+                                  if gpu else CPU_BATCH)  # about 4 KiB of activations per pixel, a power of two
     values["train.workers"] = min(8, device["cpu_cores"] - 1) if gpu else 0
     values["dedup.grid"] = [max(1, round(facts["median_height"] / BLOCK)), max(1, round(facts["median_width"] / BLOCK))]
     values["dedup.scope"] = "subject" if facts["grouped"] else "global"
     area = facts["median_height"] * facts["median_width"]
     values["tune.min_areas"] = sorted({round(f * area) for f in params.tune.min_area_fractions})
+    sized = dataclasses.replace(t, **{k.split(".")[1]: v if _get(params, k) == "auto" else _get(params, k)
+                                      for k, v in values.items() if k.startswith("train.")})
+    rates = probe(sized)
+    values.update(spend(sized, facts["images"], rates))
     automatic = tuple(key for key in values if _get(params, key) == "auto")
     explicit = {key: _get(params, key) for key in values if key not in automatic}
-    return Plan({**values, **{k: list(v) if isinstance(v, tuple) else v for k, v in explicit.items()}}, automatic)
+    plan = Plan({**values, **{k: list(v) if isinstance(v, tuple) else v for k, v in explicit.items()}}, automatic)
+    final = dataclasses.replace(sized, train_folds=plan.values["train.train_folds"], epochs=plan.values["train.epochs"])
+    return plan, estimate(final, facts["images"], rates)
+
+
+def _fold_images(t: TrainParams, images: int) -> tuple[int, int, int]:
+    """(training images of a fold, its validation images, image-steps of one of its epochs): subject
+    folds hold about 1/folds of the images each; the loader drops a last partial batch."""
+    val = max(1, round(images / t.folds))
+    train = max(1, images - val)
+    return train, val, (train // t.batch_size) * t.batch_size if train > t.batch_size else train
+
+
+def spend(t: TrainParams, images: int, rates: Throughput) -> dict[str, int]:
+    """`train.budget` (image-steps), `train.train_folds` and `train.epochs`: the budget spent on as many
+    folds as get `min_fold_steps` optimizer steps each, at least one; explicit values are kept."""
+    train, val, per_epoch = _fold_images(t, images)
+    if t.budget != "auto":
+        budget = t.budget
+    elif t.budget_minutes > 0:  # a second of training buys 1 / (a step's time + its share of validation)
+        per_image = rates.train_seconds_per_image + rates.eval_seconds_per_image * val / per_epoch
+        budget = max(1, int(t.budget_minutes * 60 / per_image))
+    else:
+        budget = BUDGET_PER_IMAGE * images
+    folds = (t.train_folds if t.train_folds != "auto"
+             else int(np.clip(budget // (t.batch_size * t.min_fold_steps), 1, t.folds)))
+    epochs = t.epochs if t.epochs != "auto" else max(1, round(budget / (folds * per_epoch)))
+    return {"train.budget": budget, "train.train_folds": folds, "train.epochs": epochs}
+
+
+def estimate(t: TrainParams, images: int, rates: Throughput) -> dict[str, Any]:
+    """The training time the resolved plan will take here: each trained fold builds its model, runs its
+    image-steps, and predicts its validation images after every epoch and once more with best.pt."""
+    train, val, per_epoch = _fold_images(t, images)
+    image_steps = t.train_folds * t.epochs * per_epoch
+    seconds = (t.train_folds * rates.setup_seconds + image_steps * rates.train_seconds_per_image
+               + t.train_folds * (t.epochs + 1) * val * rates.eval_seconds_per_image)
+    return {"train_seconds": round(seconds, 1), "image_steps": image_steps,
+            "optimizer_steps_per_fold": t.epochs * per_epoch // t.batch_size,
+            "probe": {k: round(v, 6) if isinstance(v, float) else v for k, v in dataclasses.asdict(rates).items()}}
 
 
 def _get(params: Params, key: str) -> Any:
@@ -94,8 +153,14 @@ def dataset_facts(fingerprint: str | Path) -> dict[str, Any]:
 
 
 def run(params: Params, *, fingerprint: str | Path, out: str | Path) -> dict[str, Any]:
-    """Write `out` (plan.json); returns the resolved values."""
+    """Write `out` (plan.json); returns the resolved values and the estimated training time."""
+    from pipeline.model.probe import measure
+
     facts, device = dataset_facts(fingerprint), device_facts()
-    plan = resolve(params, facts, device)
-    write_plan(out, plan, {"dataset": facts, "device": device})
-    return {**plan.values, "automatic": ", ".join(plan.automatic) or "none"}
+    channels = 3 if params.data.channels == "rgb" else 1
+    plan, time_estimate = resolve(params, facts, device, lambda t: measure(t, channels))
+    write_plan(out, plan, {"dataset": facts, "device": device}, time_estimate)
+    minutes = time_estimate["train_seconds"] / 60
+    return {**plan.values, "automatic": ", ".join(plan.automatic) or "none",
+            "estimated_training": f"{minutes:.1f} min on this device ({time_estimate['image_steps']:,} image-steps, "
+                                  f"{time_estimate['optimizer_steps_per_fold']} optimizer steps per fold)"}

@@ -383,7 +383,26 @@ def dataset_and_plan(reports: Path) -> Section:
                f"({(plan.get('basis') or {}).get('device', {}).get('device', '?')}); explicit values win.")
         s.table(["knob", "value", "how"], [[key, value, "auto" if key in automatic else "params.yaml"]
                                            for key, value in plan.get("values", {}).items()])
+        s.text(training_time(plan.get("estimate"), _read_metrics(reports / "train" / "metrics.json")))
     return s
+
+
+def training_time(estimate: dict[str, Any] | None, train: dict[str, Any] | None) -> str:
+    """The plan's training-time estimate (from its measured probe) against the train stage's actual time."""
+    if not isinstance(estimate, dict) or not isinstance(estimate.get("train_seconds"), (int, float)):
+        return "Training time: the plan made no estimate (a plan from before estimates; run the plan stage again)."
+    probe = estimate.get("probe") or {}
+    rate = probe.get("train_seconds_per_image")
+    steps = estimate.get("image_steps")
+    line = (f"Training time: the plan estimated {estimate['train_seconds'] / 60:.1f} min"
+            + (f" for {steps:,} image-steps" if isinstance(steps, int) else "")
+            + (f" (its probe trained {1 / rate:.1f} images/s on {probe.get('device', '?')}, "
+               f"{probe.get('threads', '?')} threads)" if isinstance(rate, (int, float)) and rate > 0 else ""))
+    actual = (train or {}).get("train_seconds")
+    if not isinstance(actual, (int, float)) or actual <= 0:
+        return line + "; no actual time yet (run the train stage)."
+    return line + (f"; the train stage took {actual / 60:.1f} min "
+                   f"(estimate / actual {estimate['train_seconds'] / actual:.2f}).")
 
 
 def stage_image(title: str, anchor: str, path: Path, reports: Path, stage: str, caption: str) -> Section:

@@ -118,9 +118,28 @@ def grid_dice(inter: np.ndarray, area: np.ndarray, truth_area: np.ndarray, prese
 
     A gated-off image predicts empty: it scores 1 when its truth is empty, else 0.
     """
+    return image_dice(inter, area, truth_area, presence_prob, presence, min_area).mean(axis=-1)
+
+
+def image_dice(inter: np.ndarray, area: np.ndarray, truth_area: np.ndarray, presence_prob: np.ndarray,
+               presence: np.ndarray | float, min_area: np.ndarray | int) -> np.ndarray:
+    """Per-image Dice (last axis) for broadcast presence / min-area gates (see `grid_dice`)."""
     kept = keep(presence_prob, area, presence, min_area)
-    dice = np.where(kept, dice_from_counts(inter, area, truth_area), truth_area == 0)
-    return dice.mean(axis=-1)
+    return np.where(kept, dice_from_counts(inter, area, truth_area), truth_area == 0)
+
+
+def beats_default(best: np.ndarray, default: np.ndarray, standard_errors: float) -> tuple[bool, float, float]:
+    """(does the best candidate's per-image Dice beat the default's by more than `standard_errors`
+    standard errors of the paired difference, mean gain, standard error).
+
+    The one-standard-error rule of model selection: on a small OOF set the grid's maximum is partly
+    noise (the search picks the candidate that fits these images best), and a gain the data cannot
+    tell from zero is not worth leaving the untuned defaults for."""
+    diff = np.asarray(best, np.float64) - np.asarray(default, np.float64)
+    if len(diff) < 2:
+        return False, float(diff.mean()) if len(diff) else 0.0, float("inf")
+    gain, se = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
+    return gain > standard_errors * se, gain, se
 
 
 def _heatmap(grid: pd.DataFrame, chosen: Thresholds, path: Path) -> None:
@@ -150,7 +169,9 @@ def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_
     """Score every grid candidate; returns (one row per candidate, the best, metrics).
 
     A component option is chosen only when its best Dice beats the best with components off
-    (`dice_no_components`); otherwise, and on ties, the rules stay off. The metrics put the best
+    (`dice_no_components`); otherwise, and on ties, the rules stay off. The best is kept only when
+    it beats the untuned 0.5 / 0.5 / 0 by more than `tune.min_gain_se` standard errors of the
+    per-image difference (`beats_default`); otherwise the defaults are chosen (`tuned`: false). The metrics put the best
     next to the baselines it must beat: predicting all empty, tuning without the presence gate,
     without the component rules, and the untuned 0.5 / 0.5 / 0 defaults.
     """
@@ -174,13 +195,27 @@ def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_
     if len(options) > 1 and scores[:, 1:].max() > scores[best] + 1e-12:  # strictly better, not float noise
         on = np.unravel_index(np.argmax(scores[:, 1:]), scores[:, 1:].shape)
         best = (on[0], on[1] + 1, *on[2:])
+    d = int(np.searchsorted(pixel, np.float32(default.pixel)))
+    default_images = image_dice(inter[d, 0], area[d, 0], truth_area, presence_prob, np.float32(default.presence),
+                                default.min_area)
+    best_images = image_dice(inter[at[best[0]], best[1]], area[at[best[0]], best[1]], truth_area, presence_prob,
+                             presence[best[2]], min_area[best[3]])
+    tuned, gain, se = beats_default(best_images, default_images, p.min_gain_se)
+    in_grid = (np.isclose(grid_pixel, default.pixel).any() and np.isclose(presence, default.presence).any()
+               and (min_area == default.min_area).any())
+    if not tuned and in_grid:  # the untuned defaults, as one of the grid's own candidates
+        best = (int(np.flatnonzero(np.isclose(grid_pixel, default.pixel))[0]), 0,
+                int(np.flatnonzero(np.isclose(presence, default.presence))[0]),
+                int(np.flatnonzero(min_area == default.min_area)[0]))
     keep_largest, min_component = options[best[1]]
     chosen = Thresholds(pixel=round(float(grid_pixel[best[0]]), 6), presence=round(float(presence[best[2]]), 6),
                         min_area=int(min_area[best[3]]), keep_largest=keep_largest,
                         min_component=round(min_component, 6))
-    d = int(np.searchsorted(pixel, np.float32(default.pixel)))
     metrics = {
         "dice_best": float(scores[best]),
+        "gain_over_default": gain,
+        "gain_standard_error": se,
+        "tuned": bool(tuned or not in_grid),
         "dice_no_components": float(scores[:, 0].max()),
         "dice_default": float(grid_dice(inter[d, 0], area[d, 0], truth_area, presence_prob,
                                         np.float32(default.presence), default.min_area)),

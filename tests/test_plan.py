@@ -1,0 +1,103 @@
+"""The plan stage's training budget: how it is spent on folds and epochs, and the time estimate."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.model import probe
+from pipeline.model.probe import Throughput
+from pipeline.params import Params, TrainParams
+from pipeline.stages import plan
+
+RATES = Throughput(train_seconds_per_image=0.04, eval_seconds_per_image=0.01, setup_seconds=2.0, device="cpu",
+                   threads=2)
+FACTS = {"median_height": 420.0, "median_width": 580.0, "grouped": True, "groups": 12, "images": 480, "sizes": []}
+CPU = {"device": "cpu", "cpu_cores": 2}
+
+
+def _train(**changes) -> TrainParams:
+    return dataclasses.replace(TrainParams(height=96, width=128, batch_size=8), **changes)
+
+
+def test_the_auto_budget_is_24_image_steps_per_image_spent_on_folds_of_min_fold_steps() -> None:
+    spent = plan.spend(_train(), 480, RATES)
+    assert spent["train.budget"] == 24 * 480
+    # 11,520 image-steps at batch 8 are 1,440 optimizer steps: two folds of at least 500 each
+    assert spent["train.train_folds"] == 2
+    train, val, per_epoch = plan._fold_images(_train(), 480)
+    assert (train, val, per_epoch) == (360, 120, 360)
+    assert spent["train.epochs"] == round(11_520 / (2 * 360))
+
+
+@pytest.mark.parametrize("budget, folds", [(100, 1), (3_999, 1), (4_000, 1), (8_000, 2), (16_000, 4), (10**7, 4)])
+def test_a_small_budget_trains_one_long_fold_a_large_one_every_fold(budget: int, folds: int) -> None:
+    spent = plan.spend(_train(budget=budget), 480, RATES)
+    assert spent["train.train_folds"] == folds
+    steps_per_fold = spent["train.epochs"] * 360 // 8
+    assert folds == 1 or steps_per_fold >= 500 - 360 // 8  # min_fold_steps, up to the rounding to whole epochs
+    assert spent["train.epochs"] >= 1
+
+
+def test_explicit_folds_and_epochs_are_kept() -> None:
+    spent = plan.spend(_train(train_folds=3, epochs=5), 480, RATES)
+    assert (spent["train.train_folds"], spent["train.epochs"]) == (3, 5)
+    assert plan.spend(_train(train_folds=3), 480, RATES)["train.epochs"] == round(11_520 / (3 * 360))
+
+
+def test_a_budget_in_minutes_is_converted_with_the_measured_rates() -> None:
+    fast = plan.spend(_train(budget_minutes=10.0), 480, RATES)
+    slow = plan.spend(_train(budget_minutes=10.0), 480, dataclasses.replace(RATES, train_seconds_per_image=0.08,
+                                                                           eval_seconds_per_image=0.02))
+    per_image = 0.04 + 0.01 * 120 / 360  # a step plus its share of the validation passes
+    assert fast["train.budget"] == int(600 / per_image)
+    assert slow["train.budget"] == pytest.approx(fast["train.budget"] / 2, rel=0.01)
+    estimate = plan.estimate(_train(train_folds=fast["train.train_folds"], epochs=fast["train.epochs"]), 480, RATES)
+    assert estimate["train_seconds"] == pytest.approx(600, rel=0.1)  # what was asked for, up to rounding of epochs
+
+
+def test_the_estimate_adds_steps_validation_and_setup() -> None:
+    t = _train(train_folds=2, epochs=3)
+    e = plan.estimate(t, 480, RATES)
+    assert e["image_steps"] == 2 * 3 * 360
+    assert e["optimizer_steps_per_fold"] == 3 * 360 // 8
+    assert e["train_seconds"] == pytest.approx(2 * 2.0 + 2160 * 0.04 + 2 * 4 * 120 * 0.01)
+    assert e["probe"]["train_seconds_per_image"] == 0.04
+
+
+def test_resolve_times_the_resolved_network_and_keeps_explicit_values() -> None:
+    seen = []
+
+    def fake_probe(t: TrainParams) -> Throughput:
+        seen.append(t)
+        return RATES
+
+    p = Params(train=TrainParams(epochs=2))
+    resolved, estimate = plan.resolve(p, FACTS, CPU, fake_probe)
+    assert (seen[0].height, seen[0].width, seen[0].batch_size) == (96, 128, 8)  # what it times is what trains
+    assert resolved.values["train.epochs"] == 2 and "train.epochs" not in resolved.automatic
+    assert "train.train_folds" in resolved.automatic and "train.budget" in resolved.automatic
+    assert estimate["image_steps"] == resolved.values["train.train_folds"] * 2 * 360
+    applied = resolved.apply(p).train
+    assert (applied.epochs, applied.budget, applied.batch_size) == (2, 24 * 480, 8)
+
+
+def test_run_writes_the_estimate_to_plan_json(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(probe, "measure", lambda t, channels: RATES)
+    fingerprint = tmp_path / "fingerprint.json"
+    fingerprint.write_text(json.dumps({"median_height": 420, "median_width": 580, "one_image_per_group": False,
+                                       "groups": 12, "images": 480, "sizes": []}))
+    summary = plan.run(Params(), fingerprint=fingerprint, out=tmp_path / "plan.json")
+    written = json.loads((tmp_path / "plan.json").read_text())
+    assert written["estimate"]["train_seconds"] > 0 and written["estimate"]["probe"]["device"] == "cpu"
+    assert f"{written['estimate']['train_seconds'] / 60:.1f} min" in summary["estimated_training"]
+
+
+def test_the_probe_measures_real_steps_of_a_tiny_network() -> None:
+    t = TrainParams(encoder_depth=3, decoder_channels=(16, 8, 4), height=32, width=32, batch_size=2, threads=1)
+    rates = probe.measure(t, in_channels=1, steps=2, warmup=1)
+    assert rates.train_seconds_per_image > 0 and rates.eval_seconds_per_image > 0
+    assert rates.train_seconds_per_image > rates.eval_seconds_per_image  # a backward pass costs more than none
+    assert rates.device == "cpu" and rates.threads == 1
