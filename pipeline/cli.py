@@ -30,8 +30,11 @@ F = TypeVar("F", bound=Callable[..., object])
 def _stop_on_sigterm(signum: int, frame: object) -> None:
     """SIGTERM (preemption, `kill`) unwinds like Ctrl-C, so atomic writes delete their temporaries."""
     signal.signal(signum, signal.SIG_IGN)  # a second SIGTERM must not cut the clean-up short
-    typer.secho(f"error: stopped by {signal.Signals(signum).name}; unfinished outputs were not written "
-                "(run the stage again to finish)", fg=typer.colors.RED, err=True)
+    from pipeline.atomic import outputs_published
+
+    done = ("its outputs were already written, complete" if outputs_published() else
+            "unfinished outputs were not written (run the stage again to finish)")
+    typer.secho(f"error: stopped by {signal.Signals(signum).name}; {done}", fg=typer.colors.RED, err=True)
     raise SystemExit(128 + signum)
 
 
@@ -73,11 +76,13 @@ class PathOption:
 
     role: input (read only); replace (an output file or folder replaced as a whole); folder (a
     folder the stage writes files into); persist (a folder written in place and kept between
-    runs: train's resumable checkpoints).
+    runs: train's resumable checkpoints). writes: for a folder, the names the stage writes in it,
+    checked before any work like the outputs themselves.
     """
     name: str
     role: Role
     help: str
+    writes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,8 +97,8 @@ def _in(name: str, help: str) -> PathOption:
     return PathOption(name, "input", help)
 
 
-def _out(name: str, help: str, role: Role = "replace") -> PathOption:
-    return PathOption(name, role, help)
+def _out(name: str, help: str, role: Role = "replace", writes: tuple[str, ...] = ()) -> PathOption:
+    return PathOption(name, role, help, writes)
 
 
 _INTERIM = "The load stage's folder (arrays and manifest)."
@@ -114,7 +119,8 @@ STAGES = (
         _in("interim", _INTERIM),
         _in("plan", _PLAN),
         _out("out", "Folder for pairs.csv and groups.csv."),
-        _out("reports", "Folder for metrics.json and the audit gallery.png.", "folder"))),
+        _out("reports", "Folder for metrics.json and the audit gallery.png.", "folder",
+             ("metrics.json", "gallery.png")))),
     Stage("clean", "Drop train frames whose labels contradict a near-duplicate, per clean.policy.", (
         _in("interim", _INTERIM),
         _in("dedup", "The dedup stage's folder (pairs.csv)."),
@@ -132,18 +138,22 @@ STAGES = (
         _in("manifest", "The cleaned manifest: the rows to train on."),
         _in("augment", "The augment stage's saved pipeline."),
         _in("plan", _PLAN),
-        _out("models", "Folder for fold_K/best.pt, and last.pt while a fold trains (done.json once it has finished).", "persist"),
-        _out("oof", "Folder for oof.npz (validation probabilities).", "folder"),
-        _out("reports", "dvclive folder: metrics.json and per-epoch plots.", "folder"))),
+        _out("models", "Folder for fold_K/best.pt, and last.pt while a fold trains (done.json once it has finished); "
+                       "folds.json lists this run's folds.", "persist"),
+        _out("oof", "Folder for oof.npz (validation probabilities).", "folder", ("oof.npz",)),
+        _out("reports", "Folder for metrics.json, the per-epoch plots/metrics/ (dvclive's) and diagnostics/.",
+             "folder", ("metrics.json", "plots/metrics", "diagnostics")))),
     Stage("tune", "Pick pixel / presence / min-area thresholds and component rules by mean Dice on out-of-fold predictions.", (
         _in("oof", "The train stage's folder with oof.npz."),
         _in("interim", _INTERIM),
         _in("plan", _PLAN),
         _out("out", "Where to write the chosen thresholds (JSON)."),
-        _out("reports", "Folder for grid.csv, the plots and metrics.json.", "folder"))),
+        _out("reports", "Folder for grid.csv, the plots and metrics.json.", "folder",
+             ("grid.csv", "dice_vs_pixel.csv", "dice_vs_presence.csv", "dice_vs_min_area.csv", "heatmap.png",
+              "oof_scores.csv", "metrics.json")))),
     Stage("predict", "Predict the test images and write a validated run-length-encoded submission.", (
         _in("interim", _INTERIM),
-        _in("models", "Folder of fold_K/best.pt checkpoints; all are averaged."),
+        _in("models", "The train stage's folder: the folds its folds.json lists are averaged."),
         _in("thresholds", "The tune stage's thresholds JSON."),
         _in("raw", _RAW),
         _out("out", "Where to write the submission CSV."),
@@ -165,19 +175,23 @@ def _echo_summary(summary: dict) -> None:
 
 def run_stage(stage: Stage, params_file: Path, paths: dict[str, Path]) -> dict:
     """Check the paths, then run the stage inside one commit; returns its summary."""
-    from pipeline.atomic import Output, check_paths, stage_commit
+    from pipeline.atomic import Output, check_paths, resolve, stage_commit
     from pipeline.params import load_params
 
     params = load_params(params_file)
-    roles = {option.name: option.role for option in stage.paths}
-    inputs = {name: path for name, path in paths.items() if roles[name] == "input"}
-    outputs = {name: Output(path, roles[name]) for name, path in paths.items() if roles[name] != "input"}
+    options = {option.name: option for option in stage.paths}
+    inputs = {name: path for name, path in paths.items() if options[name].role == "input"}
+    inputs.setdefault("params", params_file)  # read by the stage too: no output may touch it
+    outputs = {name: Output(path, options[name].role, options[name].writes)
+               for name, path in paths.items() if options[name].role != "input"}
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 writes
         check_paths(stage.name, inputs=inputs, outputs=outputs, outputs_may_nest_in=stage.outputs_may_nest_in)
     run = importlib.import_module(f"pipeline.stages.{stage.name}").run
-    persistent = [out.path for out in outputs.values() if out.role == "persist"]
+    # outputs resolved once (symlinks, `..`): the stage writes exactly where the checks looked
+    resolved = {name: resolve(out.path, out.role) for name, out in outputs.items()}
+    persistent = [resolved[name] for name, out in outputs.items() if out.role == "persist"]
     with stage_commit(stage.name, immediate=persistent):
-        return run(params, **paths)
+        return run(params, **(paths | resolved))
 
 
 def _stage_command(stage: Stage) -> Callable[..., None]:
@@ -219,9 +233,15 @@ def compare(out: Annotated[Path, typer.Option(help="Where to write the experimen
     """Rank every DVC experiment (git refs/exps) and the current run by Dice: an HTML page, and Markdown on stdout.
 
     Not a DVC stage: experiments are git refs, which no stage can depend on; run it after new experiments."""
+    from pipeline.atomic import Output, check_paths, resolve, stage_commit
     from pipeline.pages.compare import run
 
-    typer.echo(run(out=out, params=params, reports=reports), nl=False)
+    # like a stage: never over an input or a file the compare command did not write
+    check_paths("compare", inputs={"params": params, "reports": reports}, outputs={"out": Output(out)},
+                outputs_may_nest_in=("reports",))
+    with stage_commit("compare"):
+        page = run(out=resolve(out), params=params, reports=reports)
+    typer.echo(page, nl=False)
     typer.echo(f"wrote {out}", err=True)
 
 

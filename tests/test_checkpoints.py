@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import NORM
+from helpers import NORM, mark_trained
 from helpers import TINY_TRAIN as TINY
 from pipeline.stages import predict
 from pipeline.model.checkpoints import (REFUSED, CheckpointError, FoldFiles, load_checkpoint, read_checkpoint,
@@ -64,6 +64,7 @@ def test_prediction_refuses_a_fold_checkpoint_with_code(tmp_path) -> None:
     sentinel = tmp_path / "SENTINEL"
     save_checkpoint(tmp_path / "models" / "fold_0" / "best.pt", build_model(TINY), TINY, NORM)
     _crafted(tmp_path / "models" / "fold_1" / "best.pt", sentinel)
+    mark_trained(tmp_path / "models", [0, 1])
     with pytest.raises(CheckpointError, match=r"fold_1/best.pt: not a checkpoint this pipeline wrote"):
         predict.Ensemble(tmp_path / "models", torch.device("cpu"))
     assert not sentinel.exists()

@@ -8,7 +8,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import TINY_MODEL
+from helpers import TINY_MODEL, mark_trained
 from pipeline.stages import predict
 from pipeline.data import rle
 from pipeline.cli import app
@@ -32,6 +32,7 @@ def models(tmp_path_factory):
     for k in range(2):
         torch.manual_seed(k)
         save_checkpoint(root / f"fold_{k}" / "best.pt", build_model(TINY), TINY, {"mean": 0.3 + 0.1 * k, "std": 0.2})
+    mark_trained(root)
     return root
 
 
@@ -98,6 +99,7 @@ def test_folds_are_averaged(tiny_interim, models, tmp_path):
     for k in range(2):
         (tmp_path / str(k)).mkdir()
         shutil.copytree(models / f"fold_{k}", tmp_path / str(k) / f"fold_{k}")
+        mark_trained(tmp_path / str(k))
         single.append(predict.Ensemble(tmp_path / str(k), torch.device("cpu"))(images, False))
     both = predict.Ensemble(models, torch.device("cpu"))(images, False)
     assert torch.allclose(both[0], (single[0][0] + single[1][0]) / 2, atol=1e-6)
@@ -117,7 +119,7 @@ def test_invalid_submission_is_an_error_and_never_written(tiny_interim, tiny_raw
 
 
 def test_missing_inputs_are_clear_errors(tiny_interim, tiny_raw, models, tmp_path):
-    with pytest.raises(CheckpointError, match="no fold_.*best.pt"):
+    with pytest.raises(InputError, match="folds.json: not found"):
         _run(tiny_interim, tmp_path / "nothing", tiny_raw, tmp_path, Thresholds())
     with pytest.raises(InputError, match="thresholds file not found"):
         predict.run(Params(), interim=tiny_interim, models=models, thresholds=tmp_path / "absent.json", raw=tiny_raw,
@@ -143,7 +145,7 @@ def test_predict_cli(tiny_interim, tiny_raw, models, tmp_path):
     assert rle.validate_submission(tmp_path / "s.csv", [str(i) for i in range(1, 7)], SHAPE) == 6
     args[args.index("--models") + 1] = str(tmp_path / "none")
     result = CliRunner().invoke(app, args)
-    assert result.exit_code == 1 and "no fold_*/best.pt" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "folds.json: not found" in result.output and "Traceback" not in result.output
 
 
 def test_submission_masks_are_postprocess_apply_with_the_component_rules(tiny_interim, tiny_raw, models, tmp_path,

@@ -38,7 +38,7 @@ from PIL import Image
 from scipy.spatial.distance import cdist
 from typer.testing import CliRunner
 
-from helpers import NORM, TINY_TRAIN
+from helpers import NORM, TINY_TRAIN, mark_trained
 from pipeline.data import artifacts
 from pipeline.stages import dedup, train, tune
 from pipeline.model import transforms
@@ -101,6 +101,7 @@ def good(tiny_raw: Path, tiny_interim: Path, tiny_plan: Path, tmp_path_factory: 
     artifacts.save_augmentation(transforms.build(AugmentParams(), seed=5), d / "augment.json")
     torch.manual_seed(0)
     save_checkpoint(d / "models" / "fold_0" / "best.pt", build_model(TINY), TINY, NORM)
+    mark_trained(d / "models")
     (d / "thresholds.json").write_text(json.dumps(Thresholds().to_dict()))
     dedup.run(Params(dedup=DedupParams(grid=(6, 8))), interim=tiny_interim, plan=tiny_plan, out=d / "dedup",
               reports=d / "dedup_reports", progress=False)
@@ -209,6 +210,7 @@ def _edit_oof(p, tmp, edit: Callable[[dict], None]) -> None:
 def _checkpoint(p, tmp, model: torch.nn.Module, t: TrainParams = TINY) -> None:
     folder = tmp / "in" / "bad_models"
     save_checkpoint(folder / "fold_0" / "best.pt", model, t, NORM)
+    mark_trained(folder)
     p["models"] = folder
 
 

@@ -10,6 +10,7 @@ and a stage must never import another stage's module. Who writes and who reads e
 | cleaned `manifest.csv` (kept train rows) | clean | train |
 | augmentation pipeline (albumentations JSON) | augment | train |
 | `oof.npz` (out-of-fold probabilities) | train | tune, report |
+| `folds.json` in the models folder (this run's folds) | train | predict |
 | `thresholds.json` | tune | predict, report |
 | `oof_scores.csv` (per-image OOF scores) | tune | report |
 | synthetic truth (`truth/*.csv`) | synth | clean, predict |
@@ -19,6 +20,7 @@ and a stage must never import another stage's module. Who writes and who reads e
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -310,6 +312,45 @@ def read_thresholds(path: str | Path) -> Thresholds:
         raise InputError(f"{path}: keep_largest must be true or false, got {raw['keep_largest']!r}")
     return Thresholds(pixel=float(raw["pixel"]), presence=float(raw["presence"]), min_area=v,
                       keep_largest=raw.get("keep_largest", False), min_component=float(raw.get("min_component", 0.0)))
+
+
+# ---------------------------------------------------------------- the trained folds (train)
+
+TRAINED_FOLDS = "folds.json"
+
+
+@dataclass(frozen=True)
+class TrainedFolds:
+    """The folds the last train run produced (`fold_K/` in the models folder) and its run hash:
+    exactly the models predict may average (older folds of other settings are never used)."""
+    run_hash: str
+    folds: tuple[int, ...]
+
+
+def write_trained_folds(models: str | Path, *, run_hash: str, folds: Sequence[int]) -> None:
+    """Published with the stage's commit, though the models folder is otherwise written in place."""
+    text = json.dumps({"run_hash": run_hash, "folds": [int(k) for k in folds]}, indent=1) + "\n"
+    with atomic_path(Path(models) / TRAINED_FOLDS, with_commit=True) as tmp:
+        tmp.write_text(text)
+
+
+def read_trained_folds(models: str | Path) -> TrainedFolds:
+    """The models folder's `folds.json`; one InputError naming the file for anything else. The
+    folders it names are built from integers, so they always lie inside the models folder."""
+    path = Path(models) / TRAINED_FOLDS
+    try:
+        raw = read_json(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found: {models} holds no list of the trained folds (run the train stage)") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not valid JSON ({str(exc)[:200]})") from None
+    folds = raw.get("folds") if isinstance(raw, dict) else None
+    run_hash = raw.get("run_hash") if isinstance(raw, dict) else None
+    if (not isinstance(run_hash, str) or not run_hash or not isinstance(folds, list) or not folds
+            or not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < 1000 for k in folds)
+            or len(set(folds)) != len(folds)):
+        raise InputError(f"{path}: expected {{\"run_hash\": \"...\", \"folds\": [distinct fold numbers 0-999]}}")
+    return TrainedFolds(run_hash, tuple(folds))
 
 
 # ---------------------------------------------------------------- per-image OOF scores (tune)

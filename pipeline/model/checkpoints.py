@@ -164,6 +164,11 @@ class FoldFiles:
             log(f"{self.done}: saved for other train params or inputs; starting this fold over")
         return None
 
+    def finished(self) -> bool:
+        """True when the fold finished for `run_hash`: its done.json says so and best.pt exists."""
+        done = self._read_done(lambda message: None)
+        return done is not None and done.get("run_hash") == self.run_hash and self.best.is_file()
+
     def _read_done(self, log: Callable[[str], None]) -> dict[str, Any] | None:
         if not self.done.exists():
             return None

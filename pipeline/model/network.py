@@ -54,6 +54,14 @@ def build_model(t: TrainParams, in_channels: int = 1) -> torch.nn.Module:
     return model
 
 
+def check_encoder_weights(value: str) -> None:
+    """Refuse a `train.encoder_weights` file that does not exist, before any training work (the
+    file itself is read by `load_encoder_weights`)."""
+    if value not in ("none", "imagenet") and not Path(value).expanduser().is_file():
+        raise ParamsError(f"train.encoder_weights: {value}: no such file (use none, imagenet, or a local file "
+                          f"holding the encoder's state_dict; README \"train\")")
+
+
 def load_encoder_weights(model: torch.nn.Module, path: str | Path) -> None:
     """Load a local file holding the smp encoder's state_dict into `model.encoder`, with no network.
 

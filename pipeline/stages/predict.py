@@ -1,6 +1,6 @@
 """Predict stage: trained folds -> thresholded test masks -> a validated run-length submission.
 
-All folds' checkpoints are averaged (optionally with their horizontal-flip views) in
+The folds of the last train run (its `folds.json`) are averaged (optionally with their horizontal-flip views) in
 probability space at the working size, mapped back to the native grid with the same
 `to_native` the OOF scores used, and thresholded by the tuned `postprocess` rules.
 The file is validated before it is moved into place, so an invalid submission never
@@ -17,11 +17,11 @@ from tqdm import tqdm
 
 from pipeline.data import layouts, rle
 from pipeline.data.ids import id_sort_key, numeric_ids
-from pipeline.data.artifacts import (TEST_TRUTH, Thresholds, check_probabilities, open_arrays, read_manifest,
-                                read_thresholds, size_chunks)
+from pipeline.data.artifacts import (TEST_TRUTH, TRAINED_FOLDS, Thresholds, check_probabilities, open_arrays,
+                                     read_manifest, read_thresholds, read_trained_folds, size_chunks)
 from pipeline.data.io import InputError, atomic_path, read_mask, write_json
 from pipeline.model.metrics import dice_per_image
-from pipeline.model.checkpoints import CheckpointError, load_checkpoint
+from pipeline.model.checkpoints import CheckpointError, FoldFiles, load_checkpoint
 from pipeline.model.network import input_channels, preprocess, split_outputs, to_native
 from pipeline.params import DataParams, Params
 from pipeline.model.postprocess import apply
@@ -29,12 +29,17 @@ from pipeline.model.postprocess import apply
 
 
 class Ensemble:
-    """The fold models, each with its own normalisation, sharing one working size."""
+    """The fold models, each with its own normalisation, sharing one working size: exactly the
+    folds of the last train run (its `folds.json`), each finished by that run."""
 
     def __init__(self, models_dir: str | Path, device: torch.device) -> None:
-        self.paths = sorted(Path(models_dir).glob("fold_*/best.pt"))
-        if not self.paths:
-            raise CheckpointError(f"{models_dir}: no fold_*/best.pt checkpoints (run the train stage)")
+        trained = read_trained_folds(models_dir)
+        for k in trained.folds:
+            files = FoldFiles(Path(models_dir) / f"fold_{k}", trained.run_hash)
+            if not files.finished():
+                raise CheckpointError(f"{files.folder}: not finished by the training run that "
+                                      f"{Path(models_dir) / TRAINED_FOLDS} lists (run the train stage again)")
+        self.paths = [Path(models_dir) / f"fold_{k}" / "best.pt" for k in trained.folds]
         loaded = [load_checkpoint(path, map_location="cpu") for path in self.paths]
         sizes = {(state["config"]["height"], state["config"]["width"]) for _, state in loaded}
         if len(sizes) > 1:

@@ -496,6 +496,11 @@ def diagnostics_section(train_dir: Path) -> Section:
         for figure in r.get("figures", []):  # {"file", "caption"}, as the train stage drew them
             figure = {"file": figure} if isinstance(figure, str) else figure  # an older run's: no caption
             name, caption = figure.get("file", ""), figure.get("caption")
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                # a path from inside a file stays inside its folder: never ../ or an absolute path
+                s.note(f"{folder}: figure {str(name)[:200]!r} named in fold {r.get('fold')}'s JSON is not a file of "
+                       f"that folder; skipped.")
+                continue
             png = _png_file(folder / name)
             if png is None:
                 s.note(f"{folder / name}: missing or not a PNG.")

@@ -16,6 +16,8 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -24,13 +26,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipeline.atomic import atomic_dir, atomic_path, atomic_remove, claim, owner, scratch_dir
 from pipeline.diagnostics import monitor as diagnostics
-from pipeline.data.artifacts import load_augmentation, open_arrays, read_plan, read_training_manifest, write_oof
+from pipeline.data.artifacts import (load_augmentation, open_arrays, read_plan, read_training_manifest, write_oof,
+                                     write_trained_folds)
 from pipeline.model.checkpoints import FoldFiles
 from pipeline.codedeps import PACKAGE_DIR, code_files
 from pipeline.model.losses import compute_loss
 from pipeline.model.metrics import dice_per_image
-from pipeline.model.network import build_model, channels_first, check_encoder, split_outputs
+from pipeline.model.network import build_model, channels_first, check_encoder, check_encoder_weights, split_outputs
 from pipeline.params import DiagnosticsParams, Params, TrainParams, to_dict
 from pipeline.model.runtime import Runtime, setup_runtime, teardown
 from pipeline.model.transforms import apply, sample_seed, working_arrays
@@ -366,8 +370,10 @@ def run(params: Params, *, interim: str | Path, manifest: str | Path, augment: s
     t, seed, d = params.train, params.seed, params.diagnostics
     began = time.perf_counter()
     check_encoder(t.encoder)  # a typo fails here, before loading data or joining torchrun's group
+    check_encoder_weights(t.encoder_weights)  # so does a missing weights file: nothing is touched yet
     rt = setup_runtime(t)
     rt.log(rt.describe())
+    stack = contextlib.ExitStack()
     try:
         images, masks = open_arrays(interim, "train")
         table = read_training_manifest(manifest, len(images))
@@ -378,12 +384,16 @@ def run(params: Params, *, interim: str | Path, manifest: str | Path, augment: s
                               t.resize)
         folds = subject_folds(table.subject.to_numpy(), t.folds, seed)
         run_hash = _run_hash(t, seed, norm, Path(augment).read_bytes(), table.id.tolist(), x, y, folds)
-        live = _open_live(reports) if rt.main else None
+        # dvclive cleans and fills its own folder: a private one, published with the commit at the end
+        live_dir = stack.enter_context(scratch_dir(Path(reports) / "live")) if rt.main else None
+        live = _open_live(live_dir) if rt.main else None
         oof_rows, oof_probs, oof_presence, per_fold = [], [], [], {}
         for k in range(t.train_folds):
             val = np.flatnonzero(folds == k)
             tr = np.flatnonzero(folds != k)
             fold = Fold(k, x[tr], y[tr], x[val], y[val], norm, run_hash)
+            if rt.main:  # written in place from now on: recorded as this stage's first
+                claim("train", [Path(models) / f"fold_{k}"])
             probs, presence, info = fit_fold(fold, transform, t, seed, Path(models) / f"fold_{k}", rt, live,
                                              d, Path(reports) / "diagnostics")
             oof_rows.append(val)
@@ -404,9 +414,32 @@ def run(params: Params, *, interim: str | Path, manifest: str | Path, augment: s
                    "world_size": rt.world, **per_fold}
         live.summary = summary
         live.make_summary()
+        _publish_live(live_dir, Path(reports))
+        _publish_folds(Path(models), run_hash, list(range(t.train_folds)))
         return summary
     finally:
+        stack.close()
         teardown(rt)
+
+
+def _publish_live(live_dir: Path, reports: Path) -> None:
+    """dvclive's metrics.json and plots/metrics/ into `reports`, with the commit (nothing else there
+    is touched)."""
+    with atomic_path(reports / "metrics.json") as tmp:
+        shutil.copyfile(live_dir / "metrics.json", tmp)
+    with atomic_dir(reports / "plots" / "metrics") as tmp:
+        if (live_dir / "plots" / "metrics").is_dir():
+            shutil.copytree(live_dir / "plots" / "metrics", tmp, dirs_exist_ok=True)
+
+
+def _publish_folds(models: Path, run_hash: str, folds: list[int]) -> None:
+    """With the commit: the list of this run's folds (all predict may use), and the removal of
+    the fold folders this stage wrote for other settings (its ledger says which; others stay)."""
+    write_trained_folds(models, run_hash=run_hash, folds=folds)
+    current = {f"fold_{k}" for k in folds}
+    for folder in sorted(models.glob("fold_*")):
+        if folder.name not in current and re.fullmatch(r"fold_\d+", folder.name) and owner(folder) == "train":
+            atomic_remove(folder)
 
 
 def _open_live(reports_dir: str | Path) -> Any:
