@@ -179,7 +179,7 @@ class TrainParams:
     budget_minutes: Float = Field(0.0, ge=0.0, description="Train for about this many minutes on this device "
                                                            "instead (0: off); the plan's throughput probe turns "
                                                            "them into image-steps.")
-    min_fold_steps: Int = Field(500, ge=1, description="Optimizer steps each trained fold gets at least (auto "
+    min_fold_steps: Int = Field(1500, ge=1, description="Optimizer steps each trained fold gets at least (auto "
                                                        "train_folds): a small budget trains fewer, longer folds.")
     epochs: Auto | Annotated[Int, Field(ge=1)] = Field(
         "auto", description="Epochs per trained fold; auto: the budget spread over the trained folds.")

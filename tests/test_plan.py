@@ -19,7 +19,14 @@ CPU = {"device": "cpu", "cpu_cores": 2}
 
 
 def _train(**changes) -> TrainParams:
-    return dataclasses.replace(TrainParams(height=96, width=128, batch_size=8), **changes)
+    return dataclasses.replace(TrainParams(height=96, width=128, batch_size=8, min_fold_steps=500), **changes)
+
+
+def test_the_default_budget_of_a_small_dataset_trains_one_long_fold() -> None:
+    t = dataclasses.replace(_train(), min_fold_steps=TrainParams().min_fold_steps)
+    spent = plan.spend(t, 480, RATES)
+    assert spent["train.budget"] == 24 * 480 and spent["train.train_folds"] == 1
+    assert spent["train.epochs"] == 32  # 11,520 image-steps over 360 training images
 
 
 def test_the_auto_budget_is_24_image_steps_per_image_spent_on_folds_of_min_fold_steps() -> None:
