@@ -11,8 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from pipeline.atomic import LEDGER, Output, atomic_dir, atomic_path, check_paths, owner, stage_commit
-from pipeline.cli import app
+from pipeline.atomic import (LEDGER, Output, atomic_dir, atomic_path, check_paths, owner, resolve, scratch_dir,
+                             stage_commit)
+from pipeline.cli import STAGES, app
+from pipeline.data.io import write_text
 from pipeline.errors import InputError
 
 
@@ -130,38 +132,134 @@ def _build_tree(root: Path, shape: list[tuple[int, ...]]) -> list[Path]:
     return created
 
 
+SPELLINGS = st.sampled_from(["plain", "dotdot", "link"])
+
+
+def _spell(path: Path, spelling: str, link: Path) -> Path:
+    """`path` as a user may spell it: plainly, through a missing folder and `..`, or through a link
+    (made at `link`, outside the tree) to its folder."""
+    if spelling == "dotdot":
+        return path.parent / "missing" / ".." / path.name
+    if spelling == "link":
+        link.symlink_to(path.parent, target_is_directory=True)
+        return link / path.name
+    return path
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=3).map(tuple), min_size=1, max_size=6),
        picks=st.lists(st.tuples(st.integers(0, 99), st.sampled_from(["same", "parent", "child", "new"]),
-                                st.sampled_from(["replace", "folder", "persist"])), min_size=1, max_size=3),
+                                st.sampled_from(["replace", "folder", "persist"]), SPELLINGS), min_size=1, max_size=3),
        input_pick=st.integers(0, 99), write_inside=st.booleans())
 def test_no_input_byte_is_ever_lost_whatever_the_nesting(tmp_path_factory, shape, picks, input_pick,
                                                         write_inside) -> None:
+    """Outputs spelled plainly, through `missing/..` or through a link, checked and written as
+    `run_stage` does (resolved once)."""
     root = tmp_path_factory.mktemp("nest")
+    links = tmp_path_factory.mktemp("links")
     created = _build_tree(root, shape)
     candidates = [root, *created]
     precious = tree_bytes(root)
     inputs = {"raw": candidates[input_pick % len(candidates)]}
     outputs = {}
-    for k, (pick, relation, role) in enumerate(picks):
+    for k, (pick, relation, role, spelling) in enumerate(picks):
         base = candidates[pick % len(candidates)]
         path = {"same": base, "parent": base.parent, "child": base / "out", "new": root / f"new{k}"}[relation]
-        outputs[f"out{k}"] = Output(path, role)
+        outputs[f"out{k}"] = Output(_spell(path, spelling, links / f"l{k}"), role)
     try:
         check_paths("stage", inputs=inputs, outputs=outputs)
-        with stage_commit("stage", immediate=[o.path for o in outputs.values() if o.role == "persist"]):
-            for out in outputs.values():
+        where = {name: resolve(out.path, out.role) for name, out in outputs.items()}
+        with stage_commit("stage", immediate=[where[n] for n, o in outputs.items() if o.role == "persist"]):
+            for name, out in outputs.items():
                 if out.role == "replace":
-                    with atomic_dir(out.path) as tmp:
+                    with atomic_dir(where[name]) as tmp:
                         (tmp / "result").write_text("new")
                 else:
-                    with atomic_path(out.path / ("result" if write_inside else "data.bin")) as tmp:
+                    with atomic_path(where[name] / ("result" if write_inside else "data.bin")) as tmp:
                         tmp.write_text("new")
     except InputError:
         pass
     after = tree_bytes(root)
     lost = {name: data for name, data in precious.items() if after.get(name) != data}
     assert not lost, (inputs, outputs, sorted(lost))
+
+
+def _fake_stage_run(stage):
+    """What `stage` writes, per its table entry: each replaced output whole, each name it declares in
+    a folder output (or one file), a checkpoint in a persistent folder; train also lets dvclive clean
+    and fill its own folder, then publishes from it as the real stage does."""
+    def run(params, **paths):
+        for option in stage.paths:
+            path = Path(paths[option.name])
+            if option.role == "replace":
+                with atomic_path(path) as tmp:
+                    tmp.write_text("new")
+            elif option.role == "folder":
+                for name in option.writes or ("result",):
+                    with atomic_path(path / name) as tmp:
+                        tmp.write_text("new")
+            elif option.role == "persist":
+                with atomic_path(path / "fold_0" / "last.pt") as tmp:
+                    tmp.write_text("new")
+        if stage.name == "train":
+            from pipeline.stages import train
+
+            with scratch_dir(Path(paths["reports"]) / "live") as live_dir:
+                live = train._open_live(live_dir)
+                live.log_metric("fold_0/val_dice", 0.5)
+                live.summary = {"dice": 0.5}
+                live.make_summary()
+                train._publish_live(live_dir, Path(paths["reports"]))
+        return {}
+    return run
+
+
+COMMANDS = [stage.name for stage in STAGES] + ["compare"]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=3).map(tuple), min_size=1, max_size=6),
+       command=st.sampled_from(COMMANDS), picks=st.lists(st.tuples(st.integers(0, 99), st.sampled_from(
+           ["same", "parent", "child", "new"]), SPELLINGS), min_size=8, max_size=8))
+def test_no_input_byte_is_ever_lost_whatever_the_nesting_for_every_command(tmp_path_factory, monkeypatch, shape,
+                                                                          command, picks) -> None:
+    """Every path option of every command (compare's page too), inputs and the params file anywhere in
+    a random tree, outputs over, in or around them in any spelling: a refused or finished run keeps
+    every byte that was there (no stage wrote any of it)."""
+    import importlib
+
+    from pipeline.cli import run_stage
+
+    root = tmp_path_factory.mktemp("cmd")
+    links = tmp_path_factory.mktemp("links")
+    (root / "params.yaml").write_text("seed: 1\n")
+    created = _build_tree(root, shape)
+    candidates = [root, root / "params.yaml", *created]
+    precious = tree_bytes(root)
+    options = (next(s for s in STAGES if s.name == command).paths if command != "compare" else
+               ("params", "reports", "out"))
+    chosen = {}
+    for k, option in enumerate(options):
+        pick, relation, spelling = picks[k % len(picks)]
+        base = candidates[pick % len(candidates)]
+        path = {"same": base, "parent": base.parent, "child": base / "out", "new": root / f"new{k}"}[relation]
+        chosen[getattr(option, "name", option)] = _spell(path, spelling, links / f"l{k}")
+    try:
+        if command == "compare":
+            monkeypatch.setattr("pipeline.pages.compare.run", lambda *, out, params, reports: (
+                Path(out).parent.mkdir(parents=True, exist_ok=True), write_text(out, "<html>"), "")[-1])
+            result = CliRunner().invoke(app, ["compare", *(str(a) for kv in chosen.items()
+                                                            for a in (f"--{kv[0]}", kv[1]))])
+            assert result.exit_code in (0, 1) and "Traceback" not in result.output, result.output
+        else:
+            stage = next(s for s in STAGES if s.name == command)
+            monkeypatch.setattr(importlib.import_module(f"pipeline.stages.{command}"), "run", _fake_stage_run(stage))
+            run_stage(stage, root / "params.yaml", chosen)
+    except InputError:
+        pass
+    after = tree_bytes(root)
+    lost = {name: data for name, data in precious.items() if after.get(name) != data}
+    assert not lost, (command, chosen, sorted(lost))
 
 
 # ---------------------------------------------------------------- one commit
