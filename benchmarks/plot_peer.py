@@ -9,7 +9,7 @@ they belong to the technique table, not the peer comparison.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,6 +19,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer_table import join  # noqa: E402
+
 CREDIT = "USGRA-seg dataset, tmkand/usgra-seg, CC-BY 4.0"
 
 
@@ -26,17 +29,15 @@ def collect(paths: list[Path]) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """variant -> method -> [(budget, Dice)], plus `all-empty` -> [(0, baseline)].
 
     The budget is this pipeline's image-steps in that run; nnU-Net's equal share differs from it
-    only by the rounding to its batch size."""
+    only by the rounding to its batch size (separate `--ours-only` / `--nnunet-only` files are
+    joined first by `peer_table.join`, so nnU-Net is plotted at our image-steps)."""
     out: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
-    for path in paths:
-        result = json.loads(path.read_text())
-        if result.get("overrides"):
-            continue
-        budget = result["rows"]["this pipeline"]["image_steps"]
-        for method, row in result["rows"].items():
-            out[result["variant"]][method].append((budget, row["dice"]))
-            if method == "this pipeline":
-                out[result["variant"]]["all-empty"].append((0, row["empty_truths"] / row["images"]))
+    for run in join(paths):
+        for method, row in run["rows"].items():
+            out[run["variant"]][method].append((run["steps"], row["dice"]))
+        ours = run["rows"].get("this pipeline")
+        if ours:
+            out[run["variant"]]["all-empty"].append((0, ours["empty_truths"] / ours["images"]))
     return out
 
 

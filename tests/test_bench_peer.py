@@ -119,3 +119,35 @@ def test_plot_groups_runs_by_our_budget_and_leaves_technique_runs_out(tmp_path):
     assert data["full"]["all-empty"] == [(0, 0.6), (0, 0.6)]
     plot_peer.plot(data, tmp_path / "out" / "peer.png")
     assert Image.open(tmp_path / "out" / "peer.png").size[0] > 100
+
+
+def _result(path: Path, seed: int, rows: dict, budget=None) -> Path:
+    path.write_text(json.dumps({"variant": "full", "scale": 0.1875, "seed": seed, "budget": budget,
+                                "overrides": [], "rows": rows}))
+    return path
+
+
+def test_separate_ours_only_and_nnunet_only_runs_join_by_seed(tmp_path):
+    spec = importlib.util.spec_from_file_location("peer_table", ROOT / "benchmarks" / "peer_table.py")
+    peer_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer_table)
+    ours = {s: {"dice": d, "image_steps": 4864, "train_cpu": 400.0, "train_wall": 200.0, "images": 40,
+                "empty_truths": 0, "estimated_train_seconds": 180.0} for s, d in ((42, 0.55), (43, 0.60))}
+    peer = {s: {"dice": d, "image_steps": 4896, "train_cpu": 900.0} for s, d in ((42, 0.50), (43, 0.40), (44, 0.45))}
+    paths = [_result(tmp_path / f"o{s}.json", s, {"this pipeline": r}) for s, r in ours.items()]
+    paths += [_result(tmp_path / f"n{s}.json", s, {"nnU-Net v2 2d": r}, 4896) for s, r in peer.items()]
+    tables = peer_table.collect(paths)
+    assert list(tables) == [("full", 0.1875, 4864)]  # nnU-Net's 4,896 joins our 4,864 (within 5%)
+    text = peer_table.table("full", 0.1875, 4864, tables[("full", 0.1875, 4864)])
+    assert "| 42 | 0.5500 | 0.5000 | 1.100 |" in text and "| 44 | - | 0.4500 | - |" in text
+    # the ratio of the means over the seeds both methods ran, and its range over those seeds
+    assert f"| {(0.55 + 0.60) / 2 / ((0.50 + 0.40) / 2):.3f} (per seed 1.100-1.500) |" in text
+    assert "180 / 200 (0.90)" in text
+
+    spec = importlib.util.spec_from_file_location("plot_peer", ROOT / "benchmarks" / "plot_peer.py")
+    plot_peer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_peer)
+    data = plot_peer.collect(paths)
+    assert sorted(data["full"]["nnU-Net v2 2d"]) == [(4864, 0.4), (4864, 0.5), (4896, 0.45)]  # joined: at our steps
+    far = _result(tmp_path / "far.json", 42, {"nnU-Net v2 2d": peer[42]}, 14_592)  # a 3x budget run: its own
+    assert sorted(peer_table.collect([*paths, far])) == [("full", 0.1875, 4864), ("full", 0.1875, 14_592)]
