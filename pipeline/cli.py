@@ -158,6 +158,10 @@ STAGES = (
         _in("raw", _RAW),
         _out("out", "Where to write the submission CSV."),
         _out("metrics", "Where to write the summary metrics JSON."))),
+    Stage("export", "Export the folds, flip TTA and tuned thresholds as one bundle: model.onnx, bundle.json, README.md.", (
+        _in("models", "The train stage's folder: the folds its folds.json lists go into the graph."),
+        _in("thresholds", "The tune stage's thresholds JSON."),
+        _out("out", "Folder for the bundle (replaced as a whole)."))),
     Stage("report", "Write one offline HTML page (and a Markdown summary) of this run; experiments: `compare`.", (
         _in("reports", "Folder of the stages' reports (reports/<stage>/..., tune/oof_scores.csv)."),
         _in("interim", _INTERIM),
@@ -245,8 +249,31 @@ def compare(out: Annotated[Path, typer.Option(help="Where to write the experimen
     typer.echo(f"wrote {out}", err=True)
 
 
+@friendly_errors
+def segment(bundle: Annotated[Path, typer.Option(help="An exported bundle folder (the export stage's output).")],
+            images: Annotated[Path, typer.Option(help="Folder of images to segment (PNG, TIFF, JPEG; any size).")],
+            out: Annotated[Path, typer.Option(help="Folder for masks/, overlays/ and submission.csv (replaced as a "
+                                                   "whole; never the images folder).")],
+            batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
+            threads: Annotated[int, typer.Option(help="CPU threads for ONNX Runtime (0: its default).")] = 0) -> None:
+    """Segment any folder of images with an exported bundle (ONNX Runtime): masks, overlays, a submission CSV.
+
+    No training stack needed; each mask PNG is at its image's own size.
+
+    Not a DVC stage: the images are any folder. Its outputs are checked like a stage's, before any work."""
+    from pipeline.atomic import Output, check_paths, resolve, stage_commit
+    from pipeline.deploy.segment import run
+
+    # like a stage: never into the images or the bundle, never over a folder segment did not write
+    check_paths("segment", inputs={"bundle": bundle, "images": images}, outputs={"out": Output(out)})
+    with stage_commit("segment"):
+        summary = run(bundle=bundle, images=images, out=resolve(out), batch_size=batch_size, threads=threads)
+    _echo_summary(summary)
+
+
 for _stage in STAGES:  # in pipeline order, as --help lists them; validate checks predict's output
     if _stage.name == "report":
         app.command()(validate)
     app.command(name=_stage.name)(_stage_command(_stage))
 app.command()(compare)  # after report: not a stage, it reads the experiments' git refs
+app.command()(segment)  # not a stage: an exported bundle on any folder of images

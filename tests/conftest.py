@@ -43,3 +43,55 @@ def make_plan(fingerprint: Path, out: Path, params: Params = Params()) -> Path:
 def tiny_plan(tiny_interim: Path) -> Path:
     """The plan of the tiny dataset: every `auto` knob of the default params resolved."""
     return make_plan(tiny_interim.parent / "fingerprint.json", tiny_interim.parent / "plan.json")
+
+
+@pytest.fixture(scope="session")
+def tiny_folds(tiny_interim: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`models/train` of two tiny folds (64x64, stretch; with folds.json and each fold's done.json, as train
+    writes them), each trained two Adam steps on 8 images of the tiny dataset so weights and BatchNorm
+    statistics are no longer their initial values; each fold has its own normalisation."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from helpers import TINY_MODEL, mark_trained
+    from pipeline.data.artifacts import open_arrays
+    from pipeline.model.checkpoints import save_checkpoint
+    from pipeline.model.network import build_model, preprocess, split_outputs
+
+    images, masks = open_arrays(tiny_interim, "train")
+    images, masks = np.array(images[:8]), np.array(masks[:8])  # a few images: seconds on 2 cores
+    size = (TINY_MODEL.height, TINY_MODEL.width)
+    target = F.interpolate(torch.from_numpy(np.asarray(masks, np.float32))[:, None], size=size, mode="nearest")
+    root = tmp_path_factory.mktemp("folds") / "train"
+    for k in range(2):
+        torch.manual_seed(k)
+        model, norm = build_model(TINY_MODEL).train(), {"mean": 0.3 + 0.05 * k, "std": 0.2 + 0.02 * k}
+        x = preprocess(np.asarray(images), size, norm["mean"], norm["std"])
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(2):
+            logits, label = split_outputs(model(x))
+            loss = F.binary_cross_entropy_with_logits(logits, target) \
+                + F.binary_cross_entropy_with_logits(label, target.amax(dim=(1, 2, 3)))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        save_checkpoint(root / f"fold_{k}" / "best.pt", model.eval(), TINY_MODEL, norm)
+    mark_trained(root)  # the last train run's folds, as predict and export require
+    return root
+
+
+TINY_THRESHOLDS = {"pixel": 0.5, "presence": 0.95, "min_area": 0, "keep_largest": True, "min_component": 0.001}
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_folds: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The export stage's bundle of `tiny_folds` with TINY_THRESHOLDS (beside it: thresholds.json)."""
+    import json
+
+    from pipeline.stages import export
+
+    root = tmp_path_factory.mktemp("export")
+    (root / "thresholds.json").write_text(json.dumps(TINY_THRESHOLDS))
+    export.run(Params(), models=tiny_folds, thresholds=root / "thresholds.json", out=root / "export")
+    return root / "export"
