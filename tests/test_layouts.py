@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from conftest import make_plan
-from pipeline.data import artifacts, rle
+from pipeline.data import artifacts, layouts, rle
 from pipeline.stages import load, synth
 from pipeline.data.io import InputError
 from pipeline.params import DataParams, Params, SynthParams
@@ -325,3 +325,37 @@ def test_test_mask_paths(tmp_path, datasets):
     assert f"{raw / 'test' / 'images' / '0009.png'}: test image has no mask in test/masks/" in message
     assert f"{raw / 'test' / 'masks' / '0010.png'}: mask has no image in test/images/" in message
     assert f"{raw / 'test' / 'masks' / 'notes.txt'}: not an image file" in message
+
+
+@pytest.mark.parametrize("layout", ["ultrasound", "folders", "csv"])
+def test_special_files_in_a_dataset_are_refused_without_opening_them(datasets, tmp_path, layout):
+    """A FIFO, a socket or a device in a dataset folder is named and refused at listing: never opened
+    (reading a FIFO would block for ever), whatever its name."""
+    import os
+    import socket
+
+    raw = tmp_path / layout
+    shutil.copytree(datasets / layout, raw)
+    train = raw / "train" if layout == "ultrasound" else raw / "train" / "images"
+    test = raw / "test" if layout == "ultrasound" else raw / "test" / "images"
+    os.mkfifo(train / "9_9.tif")
+    os.mkfifo(test / "99.tif")
+    os.symlink(os.devnull, train / "8_8_mask.tif")
+    data = DataParams(layout=layout, group_column="group" if layout != "ultrasound" else None)
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(train / "7_7.tif"))
+        with pytest.raises(InputError) as listed:   # listing opens nothing
+            layouts.scan(raw, data)
+        with pytest.raises(InputError) as info:
+            load.run(Params(data=data), raw=raw, out=tmp_path / "interim", metrics=tmp_path / "m.json",
+                     fingerprint=tmp_path / "fp.json")
+    assert str(listed.value) == str(info.value)
+    text = str(info.value)
+    assert f"{train / '9_9.tif'}: a FIFO (named pipe), not a regular file or folder" in text
+    assert f"{test / '99.tif'}: a FIFO (named pipe), not a regular file or folder" in text
+    assert f"{train / '7_7.tif'}: a socket, not a regular file or folder" in text
+    assert f"{train / '8_8_mask.tif'}: a character device, not a regular file or folder" in text
+    assert not (tmp_path / "interim").exists()
+    from pipeline.data import io
+    with pytest.raises(InputError, match="a FIFO"):
+        io.read_image(train / "9_9.tif")

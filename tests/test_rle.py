@@ -297,3 +297,37 @@ def test_validate_against_uses_the_data_conventions(tmp_path):
                                         data=DataParams(submission_columns=("id", "rle_mask"), rle_start=0))
     with pytest.raises(SubmissionError, match="is a folder"):
         rle.validate_submission_file(tmp_path, data=data)
+
+
+def test_validator_accepts_a_line_over_128_kib(tmp_path):
+    """A valid mask of many runs at 420x580 makes a line longer than the csv module's default field limit
+    (128 KiB); predict runs this validator on its own output, so it must read it."""
+    mask = np.zeros(rle.KAGGLE_SHAPE, bool)
+    mask[::2, :] = True    # every other pixel of each column: 121,800 runs
+    pixels = rle.encode(mask)
+    assert len(pixels) > 131072
+    path = tmp_path / "submission.csv"
+    rle.write_submission(path, [("1", pixels), ("2", "")], ("img", "pixels"))
+    assert rle.validate_submission(path, ["1", "2"]) == 2
+    assert rle.validate_submission_file(path) == 2
+
+
+@pytest.mark.parametrize("pixels, message", [
+    ("1\t2", r"separator '\\t' at position 2"), ("1  2", "double space at position 3"),
+    (" 1 2", "leading space at position 1"), ("1 2 ", "trailing space at position 4"),
+    ("1\u00a02", r"separator '\\xa0' at position 2"), ("1\u30002", r"separator '\\u3000' at position 2"),
+    ("1 \u0662", "'\u0662' is not an integer"), ("1\v2", r"separator '\\x0b'")])
+def test_runs_are_separated_by_single_ascii_spaces(tmp_path, pixels, message):
+    path = tmp_path / "submission.csv"
+    rle.write_submission(path, [("1", pixels)], ("img", "pixels"))
+    with pytest.raises(SubmissionError, match=f"line 2: id 1: {message}"):
+        rle.validate_submission(path, ["1"], (3, 4))
+
+
+def test_validator_refuses_a_fifo_without_opening_it(tmp_path):
+    import os
+
+    fifo = tmp_path / "submission.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(SubmissionError, match=r"submission.csv: a FIFO \(named pipe\), not a CSV file"):
+        rle.validate_submission(fifo, ["1"], (3, 4))

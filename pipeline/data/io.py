@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,9 +54,30 @@ _MASK_KINDS = {"P": "palette (P)", "PA": "palette+alpha (PA)", "LA": "LA (graysc
                "RGBA": "RGBA", "CMYK": "CMYK", "YCbCr": "YCbCr"}
 
 
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+            (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def special_file(path: str | Path) -> str | None:
+    """What `path` is when it is neither a regular file nor a folder (links followed): "a FIFO (named
+    pipe)", "a socket", "a character device" or "a block device"; None otherwise, or when it cannot be
+    stat'ed (the read that follows says why). Checked before opening: reading a FIFO blocks for ever."""
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        return None
+    return next((what for test, what in _SPECIAL if test(mode)), None)
+
+
+def _refuse_special(path: Path) -> None:
+    if (kind := special_file(path)) is not None:
+        raise InputError(f"{path}: {kind}, not a regular file")
+
+
 def _open(path: Path, to_rgb: bool = True) -> tuple[str, np.ndarray]:
     """Decode an image file: (PIL mode, array). With `to_rgb`, palette, alpha and other colour modes
     become RGB (mode "RGB"); without, the array is as stored (a palette image is its index array)."""
+    _refuse_special(path)
     try:
         with Image.open(path) as img:
             img.load()
@@ -83,6 +106,7 @@ def write_png(path: str | Path, array: np.ndarray) -> None:
 def image_size(path: str | Path) -> tuple[int, int]:
     """(height, width) of an image file from its header, without decoding the pixels."""
     path = Path(path)
+    _refuse_special(path)
     try:
         with Image.open(path) as img:
             return img.height, img.width

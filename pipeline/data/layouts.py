@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.data.io import InputError
+from pipeline.data.io import InputError, special_file
 from pipeline.data.ids import id_problem, id_sort_key, numeric_ids
 from pipeline.params import DataParams
 
@@ -91,7 +91,13 @@ def _files(folder: Path, problems: list[str]) -> list[Path] | None:
     except OSError as exc:
         problems.append(f"{folder}: folder not readable ({exc.strerror or exc})")
         return None
-    return sorted(p for p in entries if not p.name.startswith("."))
+    listed = []
+    for path in sorted(p for p in entries if not p.name.startswith(".")):
+        if (kind := special_file(path)) is not None:   # never opened: reading a FIFO blocks for ever
+            problems.append(f"{path}: {kind}, not a regular file or folder")
+        else:
+            listed.append(path)
+    return listed
 
 
 def _same_id(first: Path, second: Path, what: str) -> str:
@@ -185,6 +191,9 @@ def _read_csv(path: Path, columns: list[str], problems: list[str]) -> pd.DataFra
     Read with the csv module to know those lines; blank lines are skipped, a short row is padded
     with empty cells and a row with more cells than the header is a problem.
     """
+    if (kind := special_file(path)) is not None:
+        problems.append(f"{path}: {kind}, not a CSV file (data.csv_file)")
+        return None
     limit = csv.field_size_limit(2**31 - 1)  # an RLE cell of a large image can exceed the default 128 KiB
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:

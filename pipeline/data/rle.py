@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.ids import id_problem, numeric_ids
+from pipeline.data.io import special_file
 from pipeline.params import DataParams
 
 KAGGLE_SHAPE = (420, 580)
@@ -78,6 +79,23 @@ def parse_runs(rle: str | float | None, n_pixels: int, start: int = 1) -> tuple[
     return starts, lengths
 
 
+_SEPARATED = re.compile(r"[0-9]+(?: [0-9]+)*")
+
+
+def separator_problem(rle: str) -> str | None:
+    """Why the numbers of `rle` are not separated by single ASCII spaces, as the submission format says (a
+    tab, a no-break space, two spaces, a leading or trailing space), or None ("" is an empty mask)."""
+    if rle == "" or _SEPARATED.fullmatch(rle):
+        return None
+    for k, char in enumerate(rle):
+        if char.isspace() and char != " ":
+            return f"separator {char!r} at position {k + 1}; runs are separated by single ASCII spaces"
+        if char == " " and (k == 0 or k == len(rle) - 1 or rle[k - 1] == " "):
+            where = "leading" if k == 0 else "trailing" if k == len(rle) - 1 else "double"
+            return f"{where} space at position {k + 1}; runs are separated by single spaces"
+    return None   # the numbers themselves are parse_runs' to check
+
+
 def decode(rle: str | float | None, shape: tuple[int, int] = KAGGLE_SHAPE, order: str = "F",
            start: int = 1) -> np.ndarray:
     """Decode RLE into a boolean mask of `shape` (rows, cols); Kaggle ultrasound defaults."""
@@ -97,6 +115,9 @@ def read_numbered_rows(path: str | Path) -> list[tuple[int, list[str]]]:
     """
     path = Path(path)
     rows: list[tuple[int, list[str]]] = []
+    if (kind := special_file(path)) is not None:   # opening a FIFO would block for ever
+        raise SubmissionError(f"{path}: {kind}, not a CSV file")
+    limit = csv.field_size_limit(2**31 - 1)  # a valid mask of many runs at 420x580 takes more than 128 KiB
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
@@ -113,6 +134,8 @@ def read_numbered_rows(path: str | Path) -> list[tuple[int, list[str]]]:
         raise SubmissionError(f"{path}: not a readable CSV ({exc})") from None
     except OSError as exc:
         raise SubmissionError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    finally:
+        csv.field_size_limit(limit)
     return rows
 
 
@@ -178,6 +201,9 @@ def validate_submission(path: str | Path, expected_ids: Iterable[str] | None = N
         elif img in seen:
             problems.append(f"line {line}: id {img} is listed more than once")
         seen.add(img)
+        if (why := separator_problem(pixels)) is not None:
+            problems.append(f"line {line}: id {img}: {why}")
+            continue
         try:
             parse_runs(pixels, n if shapes is None or img not in shapes else shapes[img][0] * shapes[img][1], start)
         except RLEError as exc:
