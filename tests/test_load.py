@@ -244,3 +244,135 @@ def test_palette_and_la_masks_say_what_they_are(raw, tmp_path, mode, fragment):
         img = Image.fromarray(np.stack([mask * 255, np.full_like(mask, 255)], axis=2), "LA")
     img.save(raw / "train" / "2_5_mask.tif")
     _expect_error(raw, tmp_path, f"2_5_mask.tif: {fragment}")
+
+
+def _folders(root, n=8, size=(32, 40)):
+    """A small folders-layout dataset: PNG images of noise, 0/255 PNG masks (every other one empty)."""
+    rng = np.random.default_rng(3)
+    for sub in ("images", "masks", "test/images"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for k in range(n):
+        Image.fromarray(rng.integers(40, 256, size, dtype=np.uint8)).save(root / "images" / f"{k}.png")
+        mask = np.zeros(size, np.uint8)
+        if k % 2:
+            mask[4:20, 5:25] = 255
+        Image.fromarray(mask).save(root / "masks" / f"{k}.png")
+    Image.fromarray(rng.integers(40, 256, size, dtype=np.uint8)).save(root / "test" / "images" / "t.png")
+    return root
+
+
+def _load_folders(root, tmp_path, **data):
+    return load.run(Params(data=DataParams(layout="folders", **data)), raw=root, out=tmp_path / "interim",
+                    metrics=tmp_path / "metrics.json", fingerprint=tmp_path / "fingerprint.json")
+
+
+def test_a_jpeg_mask_among_png_masks_is_refused_whatever_data_foreground_says(tmp_path):
+    """A JPEG mask's values (0..5 around a 0/1 shape) are not labels: refused, naming the file, with no hint
+    to follow; setting data.foreground [1] anyway must not empty the 0/255 masks silently."""
+    root = _folders(tmp_path / "ds")
+    (root / "masks" / "3.png").unlink()
+    mask = np.zeros((32, 40), np.uint8)
+    mask[4:20, 5:25] = 1
+    Image.fromarray(mask).save(root / "masks" / "3.jpg", quality=70)
+    with Image.open(root / "masks" / "3.jpg") as img:
+        assert len(np.unique(np.asarray(img))) > 2    # the compression made values beside 0 and 1
+    for foreground in (None, (1,)):
+        with pytest.raises(InputError) as info:
+            _load_folders(root, tmp_path / str(foreground), foreground=foreground)
+        text = str(info.value)
+        assert f"{root / 'masks' / '3.jpg'}: JPEG mask with values" in text and "lossy" in text, text
+        assert "1 problem(s)" in text and "data.foreground to" not in text
+        assert not (tmp_path / str(foreground) / "interim").exists()
+
+
+def test_masks_that_mix_conventions_name_the_files_that_differ(tmp_path):
+    """0/1 PNG masks beside 0/255 ones: with data.foreground [1] (the old hint) the 0/255 masks would all
+    be empty; with [255] the 0/1 one would. Refused, naming the minority files and what would be lost."""
+    root = _folders(tmp_path / "ds")
+    mask = np.zeros((32, 40), np.uint8)
+    mask[4:20, 5:25] = 1
+    Image.fromarray(mask).save(root / "masks" / "5.png")
+    assert _load_folders(root, tmp_path / "binary")["empty_fraction"] == 0.5   # 0/1 and 0/255: both binary
+    for foreground in ((1,), (255,)):
+        with pytest.raises(InputError) as info:
+            _load_folders(root, tmp_path / str(foreground), foreground=foreground)
+        lines = str(info.value).splitlines()
+        assert len(lines) == 2 and lines[1].startswith(f"  - {root / 'masks' / '5.png'}: mask values [0, 1] "
+                                                       "(label-value) differ from the other masks (3 are 0/255 "
+                                                       "binary, e.g. 1.png): masks mix conventions"), lines
+        lost = "3 of the 3 0/255 binary masks" if foreground == (1,) else "1 of the 1 label-value masks"
+        assert f"data.foreground {list(foreground)} finds nothing in {lost}" in lines[1]
+
+
+def test_a_non_binary_png_mask_among_0_255_masks_is_named_as_differing(tmp_path):
+    root = _folders(tmp_path / "ds")
+    mask = np.zeros((32, 40), np.uint8)
+    mask[4:20, 5:25] = 2
+    Image.fromarray(mask).save(root / "masks" / "5.png")
+    with pytest.raises(InputError) as info:
+        _load_folders(root, tmp_path)
+    text = str(info.value)
+    assert (f"{root / 'masks' / '5.png'}: mask values [0, 2] are not binary, unlike the other masks (3 are 0/255 "
+            "or 0/65535, e.g. 1.png): masks mix conventions") in text
+    assert "data.foreground" not in text
+
+
+def _png16(path, array):
+    """A 16-bit-per-sample PNG written by hand (Pillow cannot write 16-bit RGB)."""
+    import struct
+    import zlib
+
+    height, width, channels = array.shape
+    rows = b"".join(b"\x00" + array[r].astype(">u2").tobytes() for r in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    colour = {3: 2, 4: 6, 2: 4}[channels]
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("channels", [3, 4, 2])
+def test_a_16_bit_rgb_png_is_refused_not_read_as_its_high_byte(tmp_path, channels):
+    root = _folders(tmp_path / "ds")
+    _png16(root / "images" / "2.png", np.full((32, 40, channels), 1000, np.uint16))
+    with pytest.raises(InputError) as info:
+        _load_folders(root, tmp_path)
+    assert f"{root / 'images' / '2.png'}: 16-bit" in str(info.value) and "expected 8-bit" in str(info.value)
+
+
+def test_images_are_read_as_a_viewer_shows_them(tmp_path):
+    """An EXIF orientation is applied (with the mask's own); transparent pixels are refused."""
+    root = _folders(tmp_path / "ds", size=(32, 40))
+    upright = np.zeros((40, 32), np.uint8)
+    upright[:10, :] = 200    # bright at the top as shown
+    stored = np.rot90(upright, -1)   # stored rotated; EXIF orientation 8 (rotate 90 CW... as viewers do)
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    Image.fromarray(np.ascontiguousarray(stored)).save(root / "images" / "4.jpg", exif=exif.tobytes(), quality=95)
+    (root / "images" / "4.png").unlink()
+    (root / "masks" / "4.png").unlink()
+    Image.fromarray(np.where(upright > 0, 255, 0).astype(np.uint8)).save(root / "masks" / "4.png")
+    _load_folders(root, tmp_path / "a")
+    images, masks = artifacts.open_arrays(tmp_path / "a" / "interim", "train")
+    row = artifacts.read_manifest(tmp_path / "a" / "interim").set_index("id").loc["4"]
+    assert (row.height, row.width) == (40, 32)
+    assert images[row.row, :10, :32].mean() > 150 and images[row.row, 10:40, :32].mean() < 50
+    rgba = np.full((32, 40, 4), 255, np.uint8)
+    rgba[0, 0, 3] = 0
+    Image.fromarray(rgba, "RGBA").save(root / "images" / "6.png")
+    with pytest.raises(InputError, match=r"6.png: 1 transparent pixel\(s\)"):
+        _load_folders(root, tmp_path / "b")
+    rgba[0, 0, 3] = 255    # opaque: an RGB image with an alpha channel
+    Image.fromarray(rgba, "RGBA").save(root / "images" / "6.png")
+    assert _load_folders(root, tmp_path / "c")["colour_images_converted_to_gray"] == 1
+
+
+def test_an_image_at_another_intensity_scale_is_reported(tmp_path):
+    root = _folders(tmp_path / "ds")
+    assert _load_folders(root, tmp_path / "a")["images_at_another_scale"] == "none"
+    Image.fromarray(np.random.default_rng(0).integers(0, 4, (32, 40), dtype=np.uint8)).save(root / "images" / "5.png")
+    summary = _load_folders(root, tmp_path / "b")
+    assert summary["images_at_another_scale"].startswith(f"1: {root / 'images' / '5.png'} (99th percentile below")
+    assert read_json(tmp_path / "b" / "metrics.json")["images_at_another_scale"] == summary["images_at_another_scale"]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipeline.atomic import atomic_dir, atomic_path
 from pipeline.errors import InputError
@@ -50,6 +50,7 @@ def write_tiff(path: str | Path, array: np.ndarray) -> None:
 
 
 _TO_RGB = ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr")
+_ORIENTATION = 0x0112   # the EXIF orientation tag
 _MASK_KINDS = {"P": "palette (P)", "PA": "palette+alpha (PA)", "LA": "LA (grayscale+alpha)", "RGB": "RGB",
                "RGBA": "RGBA", "CMYK": "CMYK", "YCbCr": "YCbCr"}
 
@@ -74,17 +75,46 @@ def _refuse_special(path: Path) -> None:
         raise InputError(f"{path}: {kind}, not a regular file")
 
 
-def _open(path: Path, to_rgb: bool = True) -> tuple[str, np.ndarray]:
-    """Decode an image file: (PIL mode, array). With `to_rgb`, palette, alpha and other colour modes
-    become RGB (mode "RGB"); without, the array is as stored (a palette image is its index array)."""
+def _raw_bits(img: Image.Image) -> int:
+    """16 when the decoder unpacks 16-bit samples into an 8-bit mode (a 16-bit RGB PNG opens as "RGB",
+    keeping only the high byte of each sample), else 8. Read before `load()`, which empties `tile`."""
+    for tile in getattr(img, "tile", None) or ():
+        args = tile.args if hasattr(tile, "args") else tile[3]
+        rawmode = args if isinstance(args, str) else (args[0] if isinstance(args, tuple) and args else "")
+        if isinstance(rawmode, str) and "16" in rawmode and img.mode in ("L", "LA", "RGB", "RGBA", "RGBX", "P"):
+            return 16
+    return 8
+
+
+def _open(path: Path, to_rgb: bool = True) -> tuple[str, np.ndarray, str]:
+    """Decode an image file as an image viewer shows it: (PIL mode, array, file format). An EXIF orientation
+    is applied (a phone photo stands upright). With `to_rgb` (an image, not a mask), palette, alpha and
+    other colour modes become RGB (mode "RGB"), and an image a viewer would not show as stored is refused:
+    16 bits per sample decoded as 8 (Pillow keeps the high byte of a 16-bit RGB PNG), or transparent pixels
+    (shown over the viewer's own background). Without `to_rgb`, the array is as stored (a palette image
+    is its index array)."""
     _refuse_special(path)
     try:
         with Image.open(path) as img:
+            bits, file_format = _raw_bits(img), img.format or "?"
             img.load()
+            if img.getexif().get(_ORIENTATION, 1) not in (1, None):
+                img = ImageOps.exif_transpose(img)
             mode = img.mode
+            if to_rgb and bits == 16:
+                raise InputError(f"{path}: 16-bit {mode} image (16 bits per sample); expected 8-bit grayscale or "
+                                 "RGB: its intensity scale (12-bit? windowed?) cannot be guessed")
+            if to_rgb and (mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info):
+                alpha = np.asarray(img.convert("RGBA"))[..., 3]
+                if (alpha < 255).any():
+                    raise InputError(f"{path}: {int((alpha < 255).sum())} transparent pixel(s) (alpha < 255), "
+                                     "which a viewer shows over its own background; save the image without "
+                                     "transparency")
             if to_rgb and mode in _TO_RGB:
                 img, mode = img.convert("RGB"), "RGB"
-            return mode, np.asarray(img)
+            return mode, np.asarray(img), file_format
+    except InputError:
+        raise
     except FileNotFoundError:
         raise InputError(f"{path}: file not found") from None
     except PermissionError:
@@ -123,7 +153,7 @@ def read_image(path: str | Path, channels: str = "gray") -> tuple[np.ndarray, st
     16-bit and float images are refused: their intensity scale (12-bit? windowed?) cannot be guessed.
     """
     path = Path(path)
-    mode, array = _open(path)
+    mode, array, _ = _open(path)
     if mode == "1":
         array = array.astype(np.uint8) * 255
     elif mode not in ("L", "RGB"):
@@ -147,28 +177,106 @@ def read_mask(path: str | Path, foreground: Sequence[int] | None = None) -> np.n
     `foreground` a list of label values (`data.foreground`): the mask's one value per pixel (a
     palette (P) mask's index array, an L / 16-bit mask's values) is read and the pixels whose value
     is in the list are foreground, `np.isin(array, foreground)`. Colour (RGB) and alpha masks are
-    errors either way: their pixels are not labels.
+    errors either way: their pixels are not labels. A JPEG mask whose values are not binary is an
+    error either way: lossy compression changed its values. A dataset's masks are checked together
+    by `mask_problems` (the load stage): one file's check cannot see conventions that differ.
     """
+    mask, values = read_mask_values(path, foreground)
+    if problems := mask_problems([str(path)], [values], foreground):
+        raise InputError(problems[0])
+    return mask
+
+
+class MaskValues(np.ndarray):
+    """A mask file's distinct values (a plain int64 array) and its file format (`.format`, e.g. "JPEG")."""
+    format: str = "?"
+
+
+def read_mask_values(path: str | Path, foreground: Sequence[int] | None = None) -> tuple[np.ndarray, MaskValues]:
+    """(the mask as bool (H,W), the file's distinct values with its format) without judging the values:
+    `mask_problems` does, for one file or a whole dataset. Palette masks without `foreground`, and colour
+    or alpha masks, are errors here (their pixels are not the values of a binary mask)."""
     path = Path(path)
-    mode, array = _open(path, to_rgb=False)
+    mode, array, file_format = _open(path, to_rgb=False)
+    if foreground is not None and (mode not in _LABEL_MODES or array.ndim != 2):
+        raise InputError(f"{path}: {_MASK_KINDS.get(mode, mode)} mask; expected a single-channel label mask "
+                         "(palette indices or grayscale / 16-bit values) for data.foreground")
+    values = np.unique(array).astype(np.int64).view(MaskValues)
+    values.format = file_format
     if foreground is not None:
-        if mode not in _LABEL_MODES or array.ndim != 2:
-            raise InputError(f"{path}: {_MASK_KINDS.get(mode, mode)} mask; expected a single-channel label mask "
-                             "(palette indices or grayscale / 16-bit values) for data.foreground")
-        return np.isin(array, np.asarray(foreground, dtype=np.int64))
+        return np.isin(array, np.asarray(foreground, dtype=np.int64)), values
     if mode == "P":  # its index array: the indices are class labels
-        values = np.unique(array)
         raise InputError(f"{path}: palette (P) mask with values {_few(values)}; "
                          + _FOREGROUND_HINT.format(example=_example(values)))
     if array.ndim != 2:
         raise InputError(f"{path}: {_MASK_KINDS.get(mode, mode)} mask; expected a single-channel binary mask")
-    values = np.unique(array)
-    if mode == "1" or set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255} \
-            or set(values.tolist()) <= {0, 65535}:
-        return array > 0
-    raise InputError(f"{path}: mask values {values[:6].tolist()} are not binary "
-                     f"(0/255, 0/1 or 16-bit 0/65535); if they are class labels, "
-                     + _FOREGROUND_HINT.format(example=_example(values)))
+    return array > 0, values
+
+
+_BINARY = {"0/255": {0, 255}, "0/1": {0, 1}, "0/65535": {0, 65535}}
+
+
+def mask_convention(values: np.ndarray) -> str:
+    """"empty" (all 0), "0/255", "0/1", "0/65535" (binary encodings), or "labels" (any other values)."""
+    present = set(values.tolist())
+    if present <= {0}:
+        return "empty"
+    return next((name for name, allowed in _BINARY.items() if present <= allowed), "labels")
+
+
+def mask_problems(names: Sequence[str], values: Sequence[np.ndarray | None],
+                  foreground: Sequence[int] | None) -> list[str]:
+    """Problems of a dataset's masks seen together, one line each naming its file (None values: unreadable).
+
+    - A JPEG mask that is not binary: lossy compression changed its values (values 0..5 around a 0/1
+      shape); no `data.foreground` reads it right.
+    - Binary masks (`foreground` None): other values are an error; when the other masks are 0/255 (or
+      0/65535) the file is named as differing from them (a mixed-up file), otherwise the message suggests
+      `data.foreground` (class-label masks).
+    - Label masks (`foreground` set): masks that mix conventions (0/255 masks beside masks of small label
+      values) cannot all be read with one `data.foreground`; the files that differ from the most common
+      convention are named, with how many masks the foreground finds nothing in.
+    """
+    problems: list[str] = []
+    listed = [(n, v, mask_convention(v)) for n, v in zip(names, values) if v is not None]
+    lossy = {n for n, v, kind in listed if getattr(v, "format", "") == "JPEG" and kind in ("labels",)}
+    problems += [f"{n}: JPEG mask with values {_few(v)}: lossy compression changed its values, so no label "
+                 "value reads it right; save the masks losslessly (PNG or TIFF)" for n, v, _ in listed if n in lossy]
+    listed = [(n, v, kind) for n, v, kind in listed if n not in lossy]
+    if foreground is None:
+        scaled = [n for n, _, kind in listed if kind in ("0/255", "0/65535")]
+        for n, v, kind in listed:
+            if kind != "labels":
+                continue
+            if scaled:
+                problems.append(f"{n}: mask values {_few(v)} are not binary, unlike the other masks ({len(scaled)} "
+                                f"are 0/255 or 0/65535, e.g. {Path(scaled[0]).name}): masks mix conventions; save "
+                                "this one like the rest")
+            else:
+                problems.append(f"{n}: mask values {v[:6].tolist()} are not binary (0/255, 0/1 or 16-bit 0/65535); "
+                                "if they are class labels, " + _FOREGROUND_HINT.format(example=_example(v)))
+        return problems
+    by_kind: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for n, v, kind in listed:
+        if kind != "empty":
+            by_kind.setdefault("labels" if kind == "0/1" else kind, []).append((n, v))
+    if len(by_kind) > 1:
+        usual = max(by_kind, key=lambda k: len(by_kind[k]))
+        wanted = np.asarray(foreground, dtype=np.int64)
+        missed = {k: sum(not np.isin(v, wanted).any() for _, v in files) for k, files in by_kind.items()}
+        lost = "; ".join(f"data.foreground {list(foreground)} finds nothing in {missed[k]} of the {len(files)} "
+                         f"{_KIND_WORDS[k]} masks" for k, files in by_kind.items() if missed[k])
+        for kind, files in by_kind.items():
+            if kind == usual:
+                continue
+            problems += [f"{n}: mask values {_few(v)} ({_KIND_WORDS[kind]}) differ from the other masks "
+                         f"({len(by_kind[usual])} are {_KIND_WORDS[usual]}, e.g. {Path(by_kind[usual][0][0]).name}): "
+                         f"masks mix conventions{f' ({lost})' if lost else ''}; save this one like the rest"
+                         for n, v in files]
+    return problems
+
+
+_KIND_WORDS = {"0/255": "0/255 binary", "0/65535": "0/65535 binary", "labels": "label-value"}
 
 
 def _example(values: np.ndarray) -> int:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pipeline.data import layouts, rle
 from pipeline.data.artifacts import MANIFEST_COLUMNS, write_interim
 from pipeline.data.fingerprint import fingerprint as dataset_fingerprint
-from pipeline.data.io import InputError, read_image, read_mask, write_json
+from pipeline.data.io import InputError, mask_problems, read_image, read_mask_values, write_json
 from pipeline.params import Params
 
 T = TypeVar("T")
@@ -51,12 +51,32 @@ def _canvas(arrays: list[np.ndarray | None]) -> tuple[int, ...]:
     return tuple(max(s[d] for s in shapes) for d in range(len(shapes[0])))
 
 
+def _listed(names: list[str], most: int = 5) -> str:
+    """`none`, or how many with the first few names (a summary line and a metrics value)."""
+    if not names:
+        return "none"
+    more = f", ... ({len(names)} in all)" if len(names) > most else ""
+    return f"{len(names)}: {', '.join(names[:most])}{more} (99th percentile below 1/{DIM} of the typical image's)"
+
+
 def _stack(arrays: list[np.ndarray | None], shape: tuple[int, ...]) -> np.ndarray:
     out = np.zeros((len(arrays),) + shape, np.uint8)
     for k, a in enumerate(arrays):
         if a is not None:
             out[(k, *map(slice, a.shape))] = a
     return out
+
+
+DIM = 8   # an image whose bright end is this many times below the dataset's typical one is reported
+
+
+def dim_images(arrays: list[np.ndarray | None], names: list[str]) -> list[str]:
+    """The images at another intensity scale than the rest: their 99th percentile (of every 7th pixel) is
+    below 1/DIM of the median image's (a 16-bit scan saved at 1/256, a 12-bit one in the low bits). Not an
+    error (a blank frame is real data): the load stage reports them."""
+    levels = np.array([np.percentile(a.reshape(-1)[::7], 99) if a is not None else np.nan for a in arrays])
+    typical = float(np.nanmedian(levels)) if np.isfinite(levels).any() else 0.0
+    return [n for n, level in zip(names, levels) if np.isfinite(level) and level * DIM < typical]
 
 
 def run(params: Params, *, raw: str | Path, out: str | Path, metrics: str | Path,
@@ -83,9 +103,12 @@ def run(params: Params, *, raw: str | Path, out: str | Path, metrics: str | Path
     if all(a is None for a in images + tests):
         layouts.fail(problems or [f"{raw_dir}: no image could be read"])
     if (train.mask_path != "").all():
-        masks = _read_all(train.mask_path.tolist(), functools.partial(read_mask, foreground=data.foreground),
-                          "load train masks", problems)
+        read = _read_all(train.mask_path.tolist(), functools.partial(read_mask_values, foreground=data.foreground),
+                         "load train masks", problems)
+        masks = [None if r is None else r[0] for r in read]
         mask_names = train.mask_path.tolist()
+        # Together, not one file at a time: masks that mix conventions, and the files that differ from the rest
+        problems += mask_problems(mask_names, [None if r is None else r[1] for r in read], data.foreground)
     else:
         order, start = ("F" if data.rle_order == "column" else "C"), data.rle_start
         rows_of = dict(zip(train.id, train.mask_rle))
@@ -140,6 +163,7 @@ def run(params: Params, *, raw: str | Path, out: str | Path, metrics: str | Path
         "channels": 1 if train_images.ndim == 3 else int(train_images.shape[3]),
         "colour_images_converted_to_gray": (sum(m == "RGB" for m in modes["train"] + modes["test"])
                                             if data.channels == "gray" else 0),
+        "images_at_another_scale": _listed(dim_images(images + tests, train.path.tolist() + test.path.tolist())),
         "empty_fraction": round(float(1 - train.has_mask.mean()), 4),
         "mean_mask_area": round(float(areas[areas > 0].mean()) if (areas > 0).any() else 0.0, 1),
     }
