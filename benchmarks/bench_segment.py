@@ -8,7 +8,8 @@ working size the plan gives on a CPU at 420x580 (96x128; `--height`/`--width`). 
 Runtime runs the `model.onnx` the export stage writes from it. Each (runtime, batch) is measured in
 a fresh process, so its peak resident memory (VmHWM: libraries, weights and activations) is
 its own; the ONNX Runtime process never imports torch, as `pipeline segment` does not.
-Both get the same thread count (`--threads`, default: all cores) and the same seeded input.
+Both get the same thread count (`--threads`, default: all cores) and the same seeded input; ONNX
+Runtime gets `segment`'s session options.
 
     python benchmarks/bench_segment.py [--params params.yaml] [--folds 4] [--threads N] [--seconds 8]
 """
@@ -59,9 +60,10 @@ def worker(kind: str, folder: Path, batch: int, threads: int, seconds: float) ->
     if kind == "onnxruntime":
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        from pipeline.deploy.segment import session_options
+
+        session = ort.InferenceSession(str(folder / "model.onnx"), session_options(threads),
+                                       providers=["CPUExecutionProvider"])
         run = lambda: session.run(None, {"image": x})  # noqa: E731
         version = ort.__version__
         out = run()[0]

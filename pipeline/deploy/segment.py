@@ -44,15 +44,27 @@ def providers() -> list[str]:
         else ["CPUExecutionProvider"]
 
 
-def open_session(bundle: Bundle, threads: int = 0) -> Any:
-    """An ONNX Runtime session on the bundle's (already verified) model; `threads` 0: ONNX Runtime's default."""
+def session_options(threads: int = 0) -> Any:
+    """ONNX Runtime's options for the bundle's graph; `threads` 0: ONNX Runtime's default.
+
+    Without the CPU memory arena and the memory-pattern planner: on the default run's ensemble at
+    batch 32 they raised the peak memory from about 1.3 to 1.9 GiB and ran no faster."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
     options.log_severity_level = 3  # errors only: the CUDA provider's fallback notices are not errors here
+    return options
+
+
+def open_session(bundle: Bundle, threads: int = 0) -> Any:
+    """An ONNX Runtime session on the bundle's (already verified) model."""
+    import onnxruntime as ort
+
     try:
-        return ort.InferenceSession(str(bundle.model), options, providers=providers())
+        return ort.InferenceSession(str(bundle.model), session_options(threads), providers=providers())
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise BundleError(f"{bundle.model}: ONNX Runtime cannot load it ({str(exc).strip()[:300]})") from None
 
