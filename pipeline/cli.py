@@ -8,19 +8,51 @@ its outputs appear together or not at all. Heavy libraries are imported inside c
 """
 from __future__ import annotations
 
+import errno
 import functools
 import importlib
 import inspect
 import os
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Callable, Literal, TypeVar
+from typing import Annotated, Any, Callable, Literal, TypeVar
 
+import click
 import typer
+import typer.core
 
-app = typer.Typer(help="Ultrasound nerve segmentation pipeline: one command per DVC stage.",
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """A bad command line (`validate --height abc`, an unknown option) ends like bad input: one `error:`
+    line and exit code 1, not click's boxed usage message and exit code 2. `--help`, and no arguments
+    at all, still print the help."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except _CLICK_ERRORS as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                return super().main(*args, standalone_mode=True, **kwargs)
+            context = getattr(exc, "ctx", None)
+            hint = f" (see `{context.command_path} --help`)" if context is not None else ""
+            typer.secho(f"error: {' '.join(exc.format_message().split())}{hint}", fg=typer.colors.RED, err=True)
+            sys.exit(1)
+        except typer.Abort:
+            typer.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+# click's exception base: typer >= 0.2x vendors its own click (its errors derive from typer.TyperException)
+_CLICK_ERRORS = tuple(e for e in (getattr(typer, "TyperException", None), click.ClickException) if e is not None)
+
+
+app = typer.Typer(help="Ultrasound nerve segmentation pipeline: one command per DVC stage.", cls=_OneLineErrors,
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params.yaml to read the stage's settings from.")]
@@ -60,6 +92,13 @@ def friendly_errors(func: F) -> F:
             return func(*args, **kwargs)
         except known as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = f" writing {exc.filename}" if exc.filename else ""
+            typer.secho(f"error: no space left on the device{where}; this run's outputs were not written (free "
+                        "some space and run the stage again)", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from None
         finally:
             if main:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,10 +59,24 @@ def read_manifest(interim_dir: str | Path) -> pd.DataFrame:
         raise InputError(f"{path}: not found (run the load stage first)") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
         raise InputError(f"{path}: not a readable manifest ({exc})") from None
-    missing = [c for c in ("id", "split", "row") if c not in manifest.columns]
+    missing = [c for c in ("id", "split", "row", "height", "width") if c not in manifest.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(missing)} (not written by the load stage?)")
+    _whole_numbers(manifest, path, {"row": 0, "height": 1, "width": 1})
     return manifest
+
+
+def _whole_numbers(table: pd.DataFrame, path: Path, minimum: dict[str, int]) -> None:
+    """Each column of `minimum` holds whole numbers >= its minimum in every row; else one InputError naming
+    the column and the first bad row's CSV line (the header is line 1)."""
+    for column, least in minimum.items():
+        values = pd.to_numeric(table[column], errors="coerce")
+        whole = values.notna() & np.isfinite(values) & (values == values.round()) & (values >= least)
+        if not whole.all():
+            k = int(np.flatnonzero(~whole.to_numpy())[0])
+            raise InputError(f"{path}: column {column} must hold whole numbers >= {least}, got "
+                             f"{_shown(_plain(table[column].iloc[k]))} on line {k + 2}")
+        table[column] = values.astype(np.int64)
 
 
 def _open_array(path: Path) -> np.ndarray:
@@ -162,9 +177,14 @@ def read_training_manifest(path: str | Path, n_rows: int) -> pd.DataFrame:
         manifest = pd.read_csv(path, dtype={"id": str, "subject": str})
     except FileNotFoundError:
         raise InputError(f"{path}: manifest not found (run the clean stage)") from None
+    except pd.errors.EmptyDataError:
+        raise InputError(f"{path}: empty file, not a manifest (run the clean stage again)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
+        raise InputError(f"{path}: not a readable manifest ({_shown(exc, 200)})") from None
     missing = {"id", "split", "row", "subject"} - set(manifest.columns)
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    _whole_numbers(manifest, path, {"row": 0})
     manifest = manifest[manifest.split == "train"].reset_index(drop=True)
     if manifest.empty:
         raise InputError(f"{path}: no training rows")
@@ -295,7 +315,9 @@ def read_thresholds(path: str | Path) -> Thresholds:
     except FileNotFoundError:
         raise InputError(f"{path}: thresholds file not found (run the tune stage)") from None
     except ValueError as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from None
+        raise InputError(f"{path}: not valid JSON ({_shown(exc, 200)})") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     names = [f.name for f in dataclasses.fields(Thresholds)]
     required, optional = names[:3], names[3:]
     if not isinstance(raw, dict) or not set(required) <= set(raw) or not set(raw) <= set(names):
@@ -395,6 +417,7 @@ class Plan:
     """Resolved values of the `auto` knobs (dotted key -> value) and which of them were automatic."""
     values: dict[str, Any]
     automatic: tuple[str, ...]
+    source: str = "the plan"   # the file it was read from, for error messages
 
     def apply(self, params: Any) -> Any:
         """`params` with each key that is still `auto` set to its resolved value (validated again);
@@ -408,8 +431,13 @@ class Plan:
                     raise InputError(f"{key} is auto, but the plan has no value for it (run the plan stage again)")
                 planned = self.values[key]
                 planned = tuple(planned) if isinstance(planned, list) else planned
-                params = dataclasses.replace(params, **{section: dataclasses.replace(getattr(params, section),
-                                                                                     **{name: planned})})
+                try:
+                    params = dataclasses.replace(params, **{section: dataclasses.replace(getattr(params, section),
+                                                                                         **{name: planned})})
+                except ValueError as exc:   # pydantic's ValidationError: a hand-edited or corrupt plan
+                    problem = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
+                    raise InputError(f"{self.source}: {key}: planned value {_shown(planned)} is not valid "
+                                     f"({_shown(problem, 200)}; run the plan stage again)") from None
         return params
 
 
@@ -433,11 +461,60 @@ def read_plan(path: str | Path) -> Plan:
     path = Path(path)
     try:
         raw = read_json(path)
-        return Plan(dict(raw["values"]), tuple(raw["automatic"]))
+        return Plan(dict(raw["values"]), tuple(raw["automatic"]), str(path))
     except FileNotFoundError:
         raise InputError(f"{path}: plan not found (run the plan stage)") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{path}: not a plan written by the plan stage ({exc})") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"{path}: not a plan written by the plan stage ({_shown(exc, 200)})") from None
+
+
+# ---------------------------------------------------------------- dataset fingerprint (load)
+
+def _positive(value: Any, integer: bool) -> bool:
+    """A finite number > 0 (an int when `integer`); never a bool."""
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        return False
+    return math.isfinite(value) and value > 0
+
+
+def read_fingerprint(path: str | Path) -> dict[str, Any]:
+    """The load stage's fingerprint (`pipeline.data.fingerprint`), with the facts the plan sizes things from
+    checked: images, groups and every size's height, width and count positive integers, the median height
+    and width finite and positive, one_image_per_group true or false. A NaN or 0 there would plan
+    `train.height: 0`."""
+    path = Path(path)
+    try:
+        fp = read_json(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: fingerprint not found (run the load stage)") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a fingerprint written by the load stage ({_shown(exc, 200)})") from None
+    if not isinstance(fp, dict):
+        raise InputError(f"{path}: not a fingerprint written by the load stage (not a JSON object)")
+    checks = [(key, _positive(fp.get(key), integer)) for key, integer in
+              (("images", True), ("groups", True), ("median_height", False), ("median_width", False))]
+    checks.append(("one_image_per_group", isinstance(fp.get("one_image_per_group"), bool)))
+    sizes = fp.get("sizes")
+    checks.append(("sizes", isinstance(sizes, list) and len(sizes) > 0 and all(
+        isinstance(s, dict) and all(_positive(s.get(k), True) for k in ("height", "width", "count")) for s in sizes)))
+    bad = [key for key, ok in checks if not ok]
+    if bad:
+        key = bad[0]
+        raise InputError(f"{path}: {key} is {_shown(fp.get(key))}, not what the load stage writes "
+                         f"({'a list of positive height, width and count' if key == 'sizes' else 'true or false' if key == 'one_image_per_group' else 'a positive number'}); "
+                         "run the load stage again")
+    return fp
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds (its repr is then `0`, not `np.int64(0)`)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _shown(value: Any, most: int = 80) -> str:
+    """A value's repr for an error message, at most `most` characters."""
+    text = repr(value) if not isinstance(value, BaseException) else str(value)
+    return text if len(text) <= most else f"{text[:most]}... ({len(text):,} characters)"
 
 
 # ---------------------------------------------------------------- synthetic truth (synth)

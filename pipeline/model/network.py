@@ -46,9 +46,18 @@ def build_model(t: TrainParams, in_channels: int = 1) -> torch.nn.Module:
     check_encoder(t.encoder)
     aux = dict(classes=1, dropout=0.2) if t.presence_head else None
     local = t.encoder_weights not in ("none", "imagenet")
-    model = smp.Unet(encoder_name=t.encoder, encoder_depth=t.encoder_depth,
-                     encoder_weights=None if t.encoder_weights == "none" or local else t.encoder_weights,
-                     decoder_channels=list(t.decoder_channels), in_channels=in_channels, classes=1, aux_params=aux)
+    try:
+        model = smp.Unet(encoder_name=t.encoder, encoder_depth=t.encoder_depth,
+                         encoder_weights=None if t.encoder_weights == "none" or local else t.encoder_weights,
+                         decoder_channels=list(t.decoder_channels), in_channels=in_channels, classes=1,
+                         aux_params=aux)
+    except Exception as exc:  # noqa: BLE001 - the download's errors (httpx, huggingface_hub, OSError) are many
+        if t.encoder_weights != "imagenet":
+            raise
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise ParamsError(f"train.encoder_weights: imagenet: cannot get the pretrained {t.encoder} weights "
+                          f"({reason[:200]}); offline? Download them where there is a network (they are then "
+                          "cached), or set a local file holding the encoder's state_dict, or none") from None
     if local:
         load_encoder_weights(model, t.encoder_weights)
     return model

@@ -203,9 +203,10 @@ def save_gallery(path: str | Path, images: np.ndarray, masks: np.ndarray, pairs:
         for ax, own, other, image_id in ((axes_row[0], a, b, pair.id_a), (axes_row[1], b, a, pair.id_b)):
             ax.imshow(images[own], cmap="gray", vmin=0, vmax=255)
             area = int(masks[own].sum())
-            if area:
+            drawable = min(masks[own].shape) >= 2   # matplotlib cannot contour under 2x2 pixels (the title says the area)
+            if area and drawable:
                 ax.contour(masks[own], levels=[0.5], colors="red", linewidths=1.5)
-            if masks[other].any():
+            if masks[other].any() and drawable:
                 ax.contour(masks[other], levels=[0.5], colors="yellow", linewidths=1.0, linestyles="dashed")
             label = f"mask {area} px" if area else "EMPTY mask"
             ax.set_title(f"{image_id}: {label}", fontsize=11, color="black" if area else "darkred")

@@ -33,9 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pipeline.data.artifacts import Plan, write_plan
-from pipeline.errors import InputError
-from pipeline.data.io import read_json
+from pipeline.data.artifacts import Plan, read_fingerprint, write_plan
 from pipeline.model.probe import Throughput
 from pipeline.params import Params, TrainParams
 
@@ -141,15 +139,10 @@ def _get(params: Params, key: str) -> Any:
 
 def dataset_facts(fingerprint: str | Path) -> dict[str, Any]:
     """The facts the plan uses, from the load stage's fingerprint of the training images."""
-    try:
-        fp = read_json(fingerprint)
-        return {"median_height": float(fp["median_height"]), "median_width": float(fp["median_width"]),
-                "grouped": not fp["one_image_per_group"], "groups": int(fp["groups"]), "images": int(fp["images"]),
-                "sizes": fp["sizes"]}
-    except FileNotFoundError:
-        raise InputError(f"{fingerprint}: fingerprint not found (run the load stage)") from None
-    except (ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{fingerprint}: not a fingerprint written by the load stage ({exc})") from None
+    fp = read_fingerprint(fingerprint)   # checked there: no NaN or 0 size can plan `train.height: 0`
+    return {"median_height": float(fp["median_height"]), "median_width": float(fp["median_width"]),
+            "grouped": not fp["one_image_per_group"], "groups": int(fp["groups"]), "images": int(fp["images"]),
+            "sizes": fp["sizes"]}
 
 
 def run(params: Params, *, fingerprint: str | Path, out: str | Path) -> dict[str, Any]:

@@ -528,7 +528,9 @@ def run(params: Params, *, reports: str | Path, interim: str | Path, oof: str | 
     matplotlib.use("Agg")
     reports, thresholds = Path(reports), Path(thresholds)
     metrics = {stage: _read_metrics(reports / stage / "metrics.json") for stage, _ in STAGES}
-    chosen = _read_metrics(thresholds)
+    # Read by its one reader: a thresholds.json without a key or with a string value is one error line, as
+    # in predict; a missing one leaves its sections out.
+    chosen = read_thresholds(thresholds).to_dict() if thresholds.exists() else None
     all_empty = (metrics["tune"] or {}).get("dice_all_empty")
     sections = [headline(metrics, chosen), dataset_and_plan(reports), stage_metrics(reports, metrics),
                 dice_vs_threshold(reports, chosen, all_empty),
