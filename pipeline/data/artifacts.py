@@ -495,7 +495,7 @@ def read_fingerprint(path: str | Path) -> dict[str, Any]:
               (("images", True), ("groups", True), ("median_height", False), ("median_width", False))]
     checks.append(("one_image_per_group", isinstance(fp.get("one_image_per_group"), bool)))
     sizes = fp.get("sizes")
-    checks.append(("sizes", isinstance(sizes, list) and len(sizes) > 0 and all(
+    checks.append(("sizes", isinstance(sizes, list) and all(
         isinstance(s, dict) and all(_positive(s.get(k), True) for k in ("height", "width", "count")) for s in sizes)))
     bad = [key for key, ok in checks if not ok]
     if bad:
