@@ -301,7 +301,8 @@ def check_paths(stage: str, *, inputs: Mapping[str, Path], outputs: Mapping[str,
             real_in = _real(in_path)
             if real == real_in:
                 problems.append(f"output --{name} {out.path} is the input --{in_name} {in_path}")
-            elif _within(real_in, real):
+            elif _within(real_in, real) and not (out.role == "folder" and out.writes and not any(
+                    _within(real_in, _real(real / w)) for w in out.writes)):  # beside the names it writes: safe
                 problems.append(f"output --{name} {out.path} contains the input --{in_name} {in_path}")
             elif _within(real, real_in) and in_name not in nest_ok:
                 problems.append(f"output --{name} {out.path} lies inside the input --{in_name} {in_path}")

@@ -372,3 +372,20 @@ def test_relative_outputs_in_one_folder_all_survive_the_commit(tmp_path, monkeyp
                 tmp.write_text(text)
     assert (tmp_path / "reports" / "metrics.json").read_text() == "a"
     assert (tmp_path / "reports" / "fingerprint.json").read_text() == "b"
+
+
+def test_a_folder_output_may_hold_an_input_beside_the_names_it_writes(tmp_path) -> None:
+    """train --reports DIR with the params file in DIR: train writes only metrics.json and plots/metrics there."""
+    from pipeline.atomic import Output, check_paths
+    from pipeline.errors import InputError
+
+    beside, under = tmp_path / "params.yaml", tmp_path / "plots" / "metrics" / "params.yaml"
+    beside.write_text("seed: 1\n")
+    out = Output(tmp_path, "folder", ("metrics.json", "plots/metrics"))
+    check_paths("train", inputs={"params": beside}, outputs={"reports": out})  # no error
+    under.parent.mkdir(parents=True)
+    under.write_text("seed: 1\n")
+    with pytest.raises(InputError, match="contains the input --params"):
+        check_paths("train", inputs={"params": under}, outputs={"reports": out})
+    with pytest.raises(InputError, match="contains the input --params"):  # a folder replaced whole: refused
+        check_paths("train", inputs={"params": beside}, outputs={"reports": Output(tmp_path)})
