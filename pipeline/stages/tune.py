@@ -190,10 +190,21 @@ def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_
                                  presence[None, :, None, None], min_area[None, None, :, None])
         ungated[:, o] = grid_dice(inter[at, o, None], area[at, o, None], truth_area, presence_prob, 0.0,
                                   min_area[None, :, None])
-    off = np.unravel_index(np.argmax(scores[:, 0]), scores[:, 0].shape)  # ties: the lowest thresholds win
+    def nearest_default_best(block: np.ndarray) -> tuple[int, ...]:
+        """The best of `block` (pixel x [option x] presence x min area); ties go to the candidate nearest
+        the untuned defaults: presence, then pixel, closest to 0.5, then the smallest min area. (The
+        lowest thresholds used to win, so a tie switched the presence gate off: on one fold's OOF set
+        of the synthetic data that cost 0.04 test Dice, 0.944 against 0.982 with the gate kept.)"""
+        tied = np.argwhere(block >= block.max() - 1e-12)
+        p_axis, pr_axis, ma_axis = 0, block.ndim - 2, block.ndim - 1
+        key = np.lexsort((min_area[tied[:, ma_axis]], np.abs(grid_pixel[tied[:, p_axis]] - default.pixel),
+                          np.abs(presence[tied[:, pr_axis]] - default.presence)))
+        return tuple(int(i) for i in tied[key[0]])
+
+    off = nearest_default_best(scores[:, 0])
     best = (off[0], 0, *off[1:])
     if len(options) > 1 and scores[:, 1:].max() > scores[best] + 1e-12:  # strictly better, not float noise
-        on = np.unravel_index(np.argmax(scores[:, 1:]), scores[:, 1:].shape)
+        on = nearest_default_best(scores[:, 1:])
         best = (on[0], on[1] + 1, *on[2:])
     d = int(np.searchsorted(pixel, np.float32(default.pixel)))
     default_images = image_dice(inter[d, 0], area[d, 0], truth_area, presence_prob, np.float32(default.presence),
