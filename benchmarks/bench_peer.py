@@ -276,6 +276,44 @@ def _fold_steps(manifest: Path, n_rows: int, folds: int, trained: int, batch: in
     return total
 
 
+def tune_and_score(variant: Variant, p: Params, root: Path) -> tuple[dict, dict]:
+    """Tune and predict on the trained run under `root`, then score the submission as nnU-Net's
+    masks are scored: (scores, predict's summary)."""
+    interim, plan_json = root / "interim", root / "plan.json"
+    tune.run(p, oof=root / "oof", interim=interim, plan=plan_json, out=root / "thresholds.json",
+             reports=root / "tune_reports")
+    summary = predict.run(p, interim=interim, models=root / "models", thresholds=root / "thresholds.json",
+                          raw=variant.raw, out=root / "submission.csv", metrics=root / "predict.json")
+    # decode our own submission at each test image's native size, then score as for nnU-Net
+    sub = pd.read_csv(root / "submission.csv", dtype=str, keep_default_na=False)
+    id_col, rle_col = p.data.submission_columns
+    order = "F" if p.data.rle_order == "column" else "C"
+    truths, preds = {}, {}
+    encoded = dict(zip(sub[id_col], sub[rle_col]))
+    for stem, _, mask_path in variant.pairs("test"):
+        truths[stem] = variant.truth(mask_path)
+        preds[stem] = rle.decode(encoded.get(stem, ""), truths[stem].shape, order, p.data.rle_start)
+    return score(preds, truths), summary
+
+
+def rescore(variant: Variant, work: Path, name: str, seed: int, folds: int) -> dict:
+    """Re-run tune and predict on a finished `--ours-only` run (its trained models kept under `work`),
+    with the code as it is now, and rewrite its result file: a change to tune or predict needs no
+    retraining to be measured."""
+    path = work / f"results_{name}_seed_{seed}.json"
+    result = json.loads(path.read_text())
+    p = our_params(variant, seed, folds, result.get("overrides", []))
+    if result.get("budget") is not None:
+        p = dataclasses.replace(p, train=dataclasses.replace(p.train, budget=result["budget"]))
+    scores, _ = tune_and_score(variant, p, work / "ours" / f"seed_{seed}")
+    ours = result["rows"]["this pipeline"]
+    before = ours["dice"]
+    ours.update(scores)
+    ours["detail"] += f"; re-scored (tune, predict) with later code: test Dice {before:.4f} -> {scores['dice']:.4f}"
+    write_json(path, result)
+    return ours
+
+
 def run_ours(variant: Variant, seed: int, folds: int, budget: int | None, root: Path,
              epochs: int | None, overrides: list[str] = ()) -> dict:
     """The stage chain under `root`; returns scores, image-steps and seconds. `budget` (image-steps)
@@ -306,21 +344,9 @@ def run_ours(variant: Variant, seed: int, folds: int, budget: int | None, root: 
                         augment=root / "augment.json", plan=plan_json, models=root / "models", oof=root / "oof",
                         reports=root / "train_reports")
     train_wall, train_cpu = train_clock.read()
-    tune.run(p, oof=root / "oof", interim=interim, plan=plan_json, out=root / "thresholds.json",
-             reports=root / "tune_reports")
-    summary = predict.run(p, interim=interim, models=root / "models", thresholds=root / "thresholds.json",
-                          raw=variant.raw, out=root / "submission.csv", metrics=root / "predict.json")
+    scores, summary = tune_and_score(variant, p, root)
     wall, cpu = clock.read()
-    # decode our own submission at each test image's native size, then score as for nnU-Net
-    sub = pd.read_csv(root / "submission.csv", dtype=str, keep_default_na=False)
-    id_col, rle_col = p.data.submission_columns
-    order = "F" if p.data.rle_order == "column" else "C"
-    truths, preds = {}, {}
-    encoded = dict(zip(sub[id_col], sub[rle_col]))
-    for stem, _, mask_path in variant.pairs("test"):
-        truths[stem] = variant.truth(mask_path)
-        preds[stem] = rle.decode(encoded.get(stem, ""), truths[stem].shape, order, p.data.rle_start)
-    return {**score(preds, truths), "image_steps": per_epoch * epochs, "train_wall": train_wall,
+    return {**scores, "image_steps": per_epoch * epochs, "train_wall": train_wall,
             "train_cpu": train_cpu, "wall": wall, "cpu": cpu, "estimated_train_seconds": estimate["train_seconds"],
             "detail": f"{trained_folds} of {folds} folds x {epochs} epochs, batch {batch}, "
                       f"plan's estimate {estimate['train_seconds']:.0f} s vs {train_wall:.0f} s, "
@@ -474,6 +500,9 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a params.yaml setting for this pipeline only, e.g. train.loss=lovasz (repeatable)")
     ap.add_argument("--ours-only", action="store_true", help="skip nnU-Net (technique comparisons)")
+    ap.add_argument("--rescore", action="store_true",
+                    help="re-run only tune and predict on the finished --ours-only runs in --work (same seeds) "
+                         "with the current code, rewriting their result files")
     ap.add_argument("--nnunet-only", action="store_true",
                     help="only nnU-Net, for exactly --budget image-steps (pair with an --ours-only run of that "
                          "budget: benchmarks/peer_table.py joins the result files by variant, scale and seed)")
@@ -489,7 +518,7 @@ def main() -> None:
     if not 0 < args.scale <= 1:
         sys.exit(f"error: --scale {args.scale}: expected a factor in (0, 1]")
     work.mkdir(parents=True, exist_ok=True)
-    if not args.ours_only:
+    if not (args.ours_only or args.rescore):
         ensure_nnunet(args.install)
     variant = full_variant(args.data.resolve())
     if args.scale != 1:
@@ -498,12 +527,16 @@ def main() -> None:
         window = args.window or round(256 * args.scale)
         variant = empty_rich_variant(variant, work / "empty_rich", seed=0, size=window)
     print(f"Data: {CREDIT}. Variant {args.variant}, scale {args.scale}: {describe(variant)}", flush=True)
-    if not args.ours_only:
+    if not (args.ours_only or args.rescore):
         nnunet_raw(variant, work)
     preprocessed: dict = {}
     tables: dict[int, dict[str, dict]] = {}
     for seed in args.seeds:
         began = time.perf_counter()
+        if args.rescore:
+            ours = rescore(variant, work, args.variant, seed, args.folds)
+            print(f"seed {seed}: {ours['detail']}", flush=True)
+            continue
         if args.nnunet_only:
             peer = run_nnunet(variant, seed, args.budget, work, args.nnunet_epochs, args.nnunet_iterations,
                               not args.no_nnunet_tta, preprocessed)
