@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.data.artifacts import TRAINED_FOLDS, read_trained_folds
 from pipeline.data.io import atomic_path, write_text
 from pipeline.model.network import build_model, input_channels
 from pipeline.params import TrainParams, _build
@@ -253,3 +254,15 @@ class FoldFiles:
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"]["cuda"] is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
+
+
+def trained_fold_checkpoints(models: str | Path) -> list[Path]:
+    """`best.pt` of each fold the models folder's `folds.json` lists: exactly the last train run's
+    folds (predict averages them, export puts them in one graph), each finished by that run."""
+    trained = read_trained_folds(models)
+    for k in trained.folds:
+        files = FoldFiles(Path(models) / f"fold_{k}", trained.run_hash)
+        if not files.finished():
+            raise CheckpointError(f"{files.folder}: not finished by the training run that "
+                                  f"{Path(models) / TRAINED_FOLDS} lists (run the train stage again)")
+    return [Path(models) / f"fold_{k}" / "best.pt" for k in trained.folds]

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.data.artifacts import TRAINED_FOLDS, read_thresholds, read_trained_folds
+from pipeline.data.artifacts import read_thresholds
 from pipeline.data.ids import numeric_ids
 from pipeline.data.io import atomic_dir
 from pipeline.deploy.bundle import INPUT, MASK_OUTPUT, MODEL_FILE, PRESENCE_OUTPUT, BundleError, write_bundle
-from pipeline.model.checkpoints import CheckpointError, FoldFiles, load_checkpoint
+from pipeline.model.checkpoints import CheckpointError, load_checkpoint, trained_fold_checkpoints
 from pipeline.model.network import input_channels, split_outputs
 from pipeline.params import Params
 
@@ -67,13 +67,7 @@ class FlipEnsemble(torch.nn.Module):
 def load_folds(models: str | Path) -> tuple[list[Path], list[tuple[torch.nn.Module, dict[str, Any]]]]:
     """The folds predict averages: those the models folder's `folds.json` lists, each finished by that
     train run; refuses folds trained at different sizes or resize modes."""
-    trained = read_trained_folds(models)
-    for k in trained.folds:
-        files = FoldFiles(Path(models) / f"fold_{k}", trained.run_hash)
-        if not files.finished():
-            raise CheckpointError(f"{files.folder}: not finished by the training run that "
-                                  f"{Path(models) / TRAINED_FOLDS} lists (run the train stage again)")
-    paths = [Path(models) / f"fold_{k}" / "best.pt" for k in trained.folds]
+    paths = trained_fold_checkpoints(models)
     loaded = [load_checkpoint(path, map_location="cpu") for path in paths]
     for what, key in (("sizes", lambda c: (c["height"], c["width"])), ("resize modes", lambda c: c.get("resize", "stretch"))):
         values = {key(state["config"]) for _, state in loaded}

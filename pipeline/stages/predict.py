@@ -17,11 +17,11 @@ from tqdm import tqdm
 
 from pipeline.data import layouts, rle
 from pipeline.data.ids import id_sort_key, numeric_ids
-from pipeline.data.artifacts import (TEST_TRUTH, TRAINED_FOLDS, Thresholds, check_probabilities, open_arrays,
-                                     read_manifest, read_thresholds, read_trained_folds, size_chunks)
+from pipeline.data.artifacts import (TEST_TRUTH, Thresholds, check_probabilities, open_arrays, read_manifest,
+                                     read_thresholds, size_chunks)
 from pipeline.data.io import InputError, atomic_path, read_mask, write_json
 from pipeline.model.metrics import dice_per_image
-from pipeline.model.checkpoints import CheckpointError, FoldFiles, load_checkpoint
+from pipeline.model.checkpoints import CheckpointError, load_checkpoint, trained_fold_checkpoints
 from pipeline.model.network import input_channels, preprocess, split_outputs, to_native
 from pipeline.params import DataParams, Params
 from pipeline.model.postprocess import apply
@@ -33,13 +33,7 @@ class Ensemble:
     folds of the last train run (its `folds.json`), each finished by that run."""
 
     def __init__(self, models_dir: str | Path, device: torch.device) -> None:
-        trained = read_trained_folds(models_dir)
-        for k in trained.folds:
-            files = FoldFiles(Path(models_dir) / f"fold_{k}", trained.run_hash)
-            if not files.finished():
-                raise CheckpointError(f"{files.folder}: not finished by the training run that "
-                                      f"{Path(models_dir) / TRAINED_FOLDS} lists (run the train stage again)")
-        self.paths = [Path(models_dir) / f"fold_{k}" / "best.pt" for k in trained.folds]
+        self.paths = trained_fold_checkpoints(models_dir)
         loaded = [load_checkpoint(path, map_location="cpu") for path in self.paths]
         sizes = {(state["config"]["height"], state["config"]["width"]) for _, state in loaded}
         if len(sizes) > 1:
