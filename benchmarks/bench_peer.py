@@ -52,7 +52,7 @@ sys.path.insert(0, str(REPO))
 
 from pipeline.stages import augment, clean, dedup, load, plan, predict, train, tune  # noqa: E402
 from pipeline.data import rle
-from pipeline.data.artifacts import read_plan, read_plan_estimate, read_training_manifest  # noqa: E402
+from pipeline.data.artifacts import read_plan, read_training_manifest  # noqa: E402
 from pipeline.data.io import read_image, read_mask, write_json  # noqa: E402
 from pipeline.model.metrics import dice_per_image  # noqa: E402
 from pipeline.params import Params  # noqa: E402
@@ -333,11 +333,12 @@ def run_ours(variant: Variant, seed: int, folds: int, budget: int | None, root: 
     dedup.run(p, interim=interim, plan=plan_json, out=root / "dedup", reports=root / "dedup_reports", progress=False)
     clean.run(p, interim=interim, dedup=root / "dedup", raw=variant.raw, out=root / "processed",
               metrics=root / "clean.json")
-    planned = read_plan(plan_json).apply(p).train
+    the_plan = read_plan(plan_json)
+    planned = the_plan.apply(p).train
     batch, epochs, trained_folds = planned.batch_size, planned.epochs, planned.train_folds
     n_rows = len(pd.read_csv(interim / "manifest.csv").query("split == 'train'"))
     per_epoch = _fold_steps(root / "processed" / "manifest.csv", n_rows, folds, trained_folds, batch, seed)
-    estimate = read_plan_estimate(plan_json)
+    estimate = the_plan.estimate
     augment.run(p, interim=interim, plan=plan_json, out=root / "augment.json", preview=root / "preview.png")
     train_clock = Clock()
     trained = train.run(p, interim=interim, manifest=root / "processed" / "manifest.csv",

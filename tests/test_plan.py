@@ -100,6 +100,8 @@ def test_run_writes_the_estimate_to_plan_json(tmp_path: Path, monkeypatch) -> No
     written = json.loads((tmp_path / "plan.json").read_text())
     assert written["estimate"]["train_seconds"] > 0 and written["estimate"]["probe"]["device"] == "cpu"
     assert f"{written['estimate']['train_seconds'] / 60:.1f} min" in summary["estimated_training"]
+    from pipeline.data.artifacts import read_plan
+    assert read_plan(tmp_path / "plan.json").estimate == written["estimate"]  # read with the plan, one read
 
 
 def test_the_probe_measures_real_steps_of_a_tiny_network() -> None:

@@ -360,12 +360,8 @@ def read_trained_folds(models: str | Path) -> TrainedFolds:
     """The models folder's `folds.json`; one InputError naming the file for anything else. The
     folders it names are built from integers, so they always lie inside the models folder."""
     path = Path(models) / TRAINED_FOLDS
-    try:
-        raw = read_json(path)
-    except FileNotFoundError:
-        raise InputError(f"{path}: not found: {models} holds no list of the trained folds (run the train stage)") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not valid JSON ({str(exc)[:200]})") from None
+    raw = _read_json(path, missing=f"not found: {models} holds no list of the trained folds (run the train stage)",
+                     unreadable="not valid JSON")
     folds = raw.get("folds") if isinstance(raw, dict) else None
     run_hash = raw.get("run_hash") if isinstance(raw, dict) else None
     if (not isinstance(run_hash, str) or not run_hash or not isinstance(folds, list) or not folds
@@ -418,6 +414,7 @@ class Plan:
     values: dict[str, Any]
     automatic: tuple[str, ...]
     source: str = "the plan"   # the file it was read from, for error messages
+    estimate: dict[str, Any] | None = None   # the training-time estimate (`write_plan`); None in older plans
 
     def apply(self, params: Any) -> Any:
         """`params` with each key that is still `auto` set to its resolved value (validated again);
@@ -449,23 +446,16 @@ def write_plan(path: str | Path, plan: Plan, basis: dict[str, Any], estimate: di
                       "estimate": estimate})
 
 
-def read_plan_estimate(path: str | Path) -> dict[str, Any] | None:
-    """The plan's training-time estimate (None for a plan written before estimates existed)."""
-    estimate = read_json(path).get("estimate")
-    if estimate is not None and not (isinstance(estimate, dict) and isinstance(estimate.get("train_seconds"), (int, float))):
-        raise InputError(f"{path}: estimate.train_seconds is not a number (run the plan stage again)")
-    return estimate
-
-
 def read_plan(path: str | Path) -> Plan:
     path = Path(path)
     try:
         raw = read_json(path)
-        return Plan(dict(raw["values"]), tuple(raw["automatic"]), str(path))
+        plan = Plan(dict(raw["values"]), tuple(raw["automatic"]), str(path), raw.get("estimate"))
     except FileNotFoundError:
         raise InputError(f"{path}: plan not found (run the plan stage)") from None
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InputError(f"{path}: not a plan written by the plan stage ({_shown(exc, 200)})") from None
+    return plan  # its estimate is informative only (the report checks it before showing it)
 
 
 # ---------------------------------------------------------------- dataset fingerprint (load)
@@ -483,12 +473,8 @@ def read_fingerprint(path: str | Path) -> dict[str, Any]:
     and width finite and positive, one_image_per_group true or false. A NaN or 0 there would plan
     `train.height: 0`."""
     path = Path(path)
-    try:
-        fp = read_json(path)
-    except FileNotFoundError:
-        raise InputError(f"{path}: fingerprint not found (run the load stage)") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a fingerprint written by the load stage ({_shown(exc, 200)})") from None
+    fp = _read_json(path, missing="fingerprint not found (run the load stage)",
+                    unreadable="not a fingerprint written by the load stage")
     if not isinstance(fp, dict):
         raise InputError(f"{path}: not a fingerprint written by the load stage (not a JSON object)")
     checks = [(key, _positive(fp.get(key), integer)) for key, integer in
@@ -509,6 +495,17 @@ def read_fingerprint(path: str | Path) -> dict[str, Any]:
 def _plain(value: Any) -> Any:
     """A numpy scalar as the Python number it holds (its repr is then `0`, not `np.int64(0)`)."""
     return value.item() if isinstance(value, np.generic) else value
+
+
+def _read_json(path: Path, *, missing: str, unreadable: str) -> Any:
+    """`read_json(path)`, with a missing or unreadable file as one InputError: "{path}: {missing}" or
+    "{path}: {unreadable} (why)"."""
+    try:
+        return read_json(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: {missing}") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: {unreadable} ({_shown(exc, 200)})") from None
 
 
 def _shown(value: Any, most: int = 80) -> str:
