@@ -185,8 +185,11 @@ class TrainParams:
         "auto", description="Epochs per trained fold; auto: the budget spread over the trained folds.")
     batch_size: Auto | Annotated[Int, Field(ge=1)] = Field(
         "auto", description="Images per training step; auto: 8 on a CPU, more with GPU memory.")
-    lr: Float = Field(1e-3, gt=0.0, description="Peak learning rate of the one-cycle schedule (AdamW).")
-    weight_decay: Float = Field(1e-4, ge=0.0, description="AdamW weight decay.")
+    optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="adamw (one-cycle schedule) or sgd (Nesterov momentum 0.99, poly decay: nnU-Net's; "
+                             "give it its own lr, e.g. 0.01).")
+    lr: Float = Field(1e-3, gt=0.0, description="Peak learning rate (one-cycle for adamw, poly start for sgd).")
+    weight_decay: Float = Field(1e-4, ge=0.0, description="Weight decay of the optimizer.")
     folds: Int = Field(4, ge=2, description="Subject-grouped folds.")
     train_folds: Auto | Annotated[Int, Field(ge=1)] = Field(
         "auto", description="Folds actually trained (0..train_folds-1), <= folds; auto: as many as the budget "

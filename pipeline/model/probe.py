@@ -1,7 +1,7 @@
 """How fast this device trains the planned network: a few real steps, timed.
 
 The plan turns a training budget into folds and epochs and estimates the run's time before it
-starts; the rates come from timing real optimizer steps (AdamW, the configured loss, bf16
+starts; the rates come from timing real optimizer steps (the configured optimizer, the configured loss, bf16
 autocast on CUDA, the same thread count as training) and forward passes of the planned model at
 the working size and batch, on random data. Measuring beats a table of constants: CPUs,
 encoders and sizes differ by more than any table could say.
@@ -15,6 +15,7 @@ import torch
 
 from pipeline.model.losses import compute_loss
 from pipeline.model.network import build_model, split_outputs
+from pipeline.model.optimizers import build_optimizer
 from pipeline.model.runtime import setup_runtime
 from pipeline.params import TrainParams
 
@@ -49,7 +50,7 @@ def _measure(t: TrainParams, in_channels: int, steps: int, warmup: int) -> Throu
     model = build_model(dataclasses.replace(t, encoder_weights="none"), in_channels).to(rt.device)
     if rt.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    optimizer, _ = build_optimizer(model, t, steps + warmup)
     setup = time.perf_counter() - began
     x = torch.randn(t.batch_size, in_channels, t.height, t.width, generator=generator).to(rt.device)
     y = (torch.rand(t.batch_size, 1, t.height, t.width, generator=generator) > 0.9).float().to(rt.device)

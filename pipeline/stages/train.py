@@ -35,6 +35,7 @@ from pipeline.codedeps import PACKAGE_DIR, code_files
 from pipeline.model.losses import compute_loss
 from pipeline.model.metrics import dice_per_image
 from pipeline.model.network import build_model, channels_first, check_encoder, check_encoder_weights, split_outputs
+from pipeline.model.optimizers import build_optimizer
 from pipeline.params import DiagnosticsParams, Params, TrainParams, to_dict
 from pipeline.model.runtime import Runtime, setup_runtime, teardown
 from pipeline.model.transforms import apply, sample_seed, working_arrays
@@ -266,9 +267,7 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
     # (and with them the presence calibration) around from epoch to epoch
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.workers,
                                          pin_memory=rt.device.type == "cuda", drop_last=len(sampler) > t.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=t.lr, total_steps=t.epochs * len(loader),
-                                                    pct_start=0.2)
+    optimizer, scheduler = build_optimizer(model, t, t.epochs * len(loader))
     files = FoldFiles(fold_dir, fold.run_hash)
     ema = Ema(model, t.ema) if t.ema > 0 else None
     evaluated = ema.model if ema else model  # what is validated and saved as best.pt
