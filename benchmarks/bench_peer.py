@@ -44,7 +44,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +54,7 @@ from pipeline.data import rle
 from pipeline.data.artifacts import read_plan, read_training_manifest  # noqa: E402
 from pipeline.data.io import read_image, read_mask, write_json  # noqa: E402
 from pipeline.model.metrics import dice_per_image  # noqa: E402
-from pipeline.params import Params  # noqa: E402
+from pipeline.params import Params, parse_yaml  # noqa: E402
 
 CREDIT = "USGRA-seg dataset, tmkand/usgra-seg, CC-BY 4.0"
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "usgra-seg"
@@ -242,7 +241,8 @@ def describe(variant: Variant) -> str:
 # ----------------------------------------------------------------------------- this pipeline
 
 def with_overrides(p: Params, overrides: list[str]) -> Params:
-    """`section.key=value` settings (value parsed as YAML) applied to `p` and validated like params.yaml."""
+    """`section.key=value` settings (value parsed as params.yaml is: YAML 1.2 floats like 3e-5) applied to `p`
+    and validated like params.yaml."""
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
@@ -250,7 +250,7 @@ def with_overrides(p: Params, overrides: list[str]) -> Params:
             sys.exit(f"error: --set {item!r}: expected section.key=value with a params.yaml key")
         try:  # pydantic dataclasses validate on replace
             p = dataclasses.replace(p, **{section: dataclasses.replace(getattr(p, section),
-                                                                       **{name: yaml.safe_load(value)})})
+                                                                       **{name: parse_yaml(value)})})
         except ValueError as exc:
             sys.exit(f"error: --set {item!r}: {exc}")
     return p

@@ -86,6 +86,8 @@ def test_scaled_then_windowed_variant_keeps_the_split_and_groups(bench, tmp_path
 def test_overrides_set_our_params_and_refuse_unknown_keys(bench):
     base = bench.our_params(bench.full_variant(Path("/data")), 7, 4, ["train.loss=lovasz", "tune.keep_largest=[false]"])
     assert base.train.loss == "lovasz" and base.tune.keep_largest == (False,) and base.seed == 7
+    small = bench.with_overrides(base, ["train.weight_decay=3e-5", "train.lr=1E-2"])  # YAML 1.2 floats, as params.yaml
+    assert small.train.weight_decay == 3e-5 and small.train.lr == 0.01
     with pytest.raises(SystemExit, match="train.nope"):
         bench.with_overrides(base, ["train.nope=1"])
     with pytest.raises(SystemExit, match="train.loss"):
