@@ -3,8 +3,9 @@
     python benchmarks/peer_table.py /tmp/bp/*/results_*.json
 
 Joins the files by variant, scale and seed, so a run of both methods and separate `--ours-only` /
-`--nnunet-only` runs of the same budget combine; files with `--set` overrides are left out (they
-belong to the technique table). Prints each method's test Dice per seed, the mean with its
+`--nnunet-only` runs of the same budget combine; files whose `--set` overrides change the recipe
+are left out (they belong to the technique table): speed knobs (`train.threads`, `train.workers`)
+and settings equal to today's `params.yaml` defaults do not count as changes. Prints each method's test Dice per seed, the mean with its
 range, the ratio of the means (and its range over seeds), the margin over the all-empty
 submission, image-steps and training CPU seconds, and the plan's time estimate against the
 actual training time.
@@ -12,14 +13,41 @@ actual training time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipeline.params import Params, parse_yaml  # noqa: E402
+
+SPEED_KNOBS = {"train.threads", "train.workers"}  # change how fast, not what is trained
 CREDIT = "USGRA-seg dataset, tmkand/usgra-seg, CC-BY 4.0"
 OURS, PEER = "this pipeline", "nnU-Net v2 2d"
+
+
+def recipe_changes(overrides: list[str]) -> list[str]:
+    """The `section.key=value` overrides that change what is trained against today's defaults."""
+    defaults = Params()
+    changes = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        if key in SPEED_KNOBS:
+            continue
+        try:
+            current = getattr(defaults, section)
+            same = dataclasses.replace(current, **{name: parse_yaml(value)}) == current
+        except (AttributeError, TypeError, ValueError):
+            same = False
+        if not same:
+            changes.append(item)
+    return changes
 
 
 def join(paths: list[Path]) -> list[dict]:
@@ -27,11 +55,11 @@ def join(paths: list[Path]) -> list[dict]:
 
     A file of both methods is one run; an `--nnunet-only` file joins the `--ours-only` run of the same
     variant, scale and seed whose image-steps are within 5% of its budget (nnU-Net rounds to its
-    batch). Files with `--set` overrides are left out (they belong to the technique table)."""
+    batch). Files with recipe changes (`recipe_changes`) are left out: they belong to the technique table."""
     runs, peers = [], []
     for path in sorted(paths):
         result = json.loads(path.read_text())
-        if result.get("overrides"):
+        if recipe_changes(result.get("overrides", [])):
             continue
         rows = result["rows"]
         run = {"variant": result["variant"], "scale": float(result.get("scale", 1.0)), "seed": result.get("seed"),

@@ -3,8 +3,8 @@
     python benchmarks/plot_peer.py /tmp/bp/*/results_*.json --out docs/bench_peer.png
 
 One panel per variant; each seed is a dot, each method's mean per budget a line; the all-empty
-baseline (what an empty submission scores) is dashed. Runs with `--set` overrides are left out:
-they belong to the technique table, not the peer comparison.
+baseline (what an empty submission scores) is dashed. Runs whose `--set` overrides change the
+recipe are left out (`peer_table.recipe_changes`): they belong to the technique table.
 """
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline.data.io import read_mask
+from pipeline.params import Params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -123,10 +124,24 @@ def test_plot_groups_runs_by_our_budget_and_leaves_technique_runs_out(tmp_path):
     assert Image.open(tmp_path / "out" / "peer.png").size[0] > 100
 
 
-def _result(path: Path, seed: int, rows: dict, budget=None) -> Path:
+def _result(path: Path, seed: int, rows: dict, budget=None, overrides=()) -> Path:
     path.write_text(json.dumps({"variant": "full", "scale": 0.1875, "seed": seed, "budget": budget,
-                                "overrides": [], "rows": rows}))
+                                "overrides": list(overrides), "rows": rows}))
     return path
+
+
+def test_peer_table_leaves_out_recipe_changes_but_not_speed_knobs_or_defaults(tmp_path):
+    spec = importlib.util.spec_from_file_location("peer_table", ROOT / "benchmarks" / "peer_table.py")
+    peer_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer_table)
+    default_lr = f"train.lr={Params().train.lr!r}"
+    assert peer_table.recipe_changes(["train.threads=1", "train.workers=2", default_lr]) == []
+    assert peer_table.recipe_changes(["train.threads=1", "train.loss=lovasz", "train.nope=1"]) == [
+        "train.loss=lovasz", "train.nope=1"]
+    row = {"this pipeline": {"dice": 0.5, "image_steps": 4864}}
+    paths = [_result(tmp_path / "a.json", 42, row, overrides=["train.threads=1", default_lr]),
+             _result(tmp_path / "b.json", 43, row, overrides=["train.loss=lovasz"])]
+    assert [run["seed"] for run in peer_table.join(paths)] == [42]
 
 
 def test_separate_ours_only_and_nnunet_only_runs_join_by_seed(tmp_path):
