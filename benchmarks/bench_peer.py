@@ -54,7 +54,7 @@ from pipeline.data import rle
 from pipeline.data.artifacts import read_plan, read_training_manifest  # noqa: E402
 from pipeline.data.io import read_image, read_mask, write_json  # noqa: E402
 from pipeline.model.metrics import dice_per_image  # noqa: E402
-from pipeline.params import Params, parse_yaml  # noqa: E402
+from pipeline.params import Params, with_setting  # noqa: E402
 
 CREDIT = "USGRA-seg dataset, tmkand/usgra-seg, CC-BY 4.0"
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "usgra-seg"
@@ -241,16 +241,10 @@ def describe(variant: Variant) -> str:
 # ----------------------------------------------------------------------------- this pipeline
 
 def with_overrides(p: Params, overrides: list[str]) -> Params:
-    """`section.key=value` settings (value parsed as params.yaml is: YAML 1.2 floats like 3e-5) applied to `p`
-    and validated like params.yaml."""
+    """`section.key=value` settings (`params.with_setting`: parsed and validated as params.yaml is) applied to `p`."""
     for item in overrides:
-        key, sep, value = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not (sep and dot and hasattr(p, section) and hasattr(getattr(p, section), name)):
-            sys.exit(f"error: --set {item!r}: expected section.key=value with a params.yaml key")
-        try:  # pydantic dataclasses validate on replace
-            p = dataclasses.replace(p, **{section: dataclasses.replace(getattr(p, section),
-                                                                       **{name: parse_yaml(value)})})
+        try:
+            p = with_setting(p, item)
         except ValueError as exc:
             sys.exit(f"error: --set {item!r}: {exc}")
     return p

@@ -5,15 +5,14 @@
 Joins the files by variant, scale and seed, so a run of both methods and separate `--ours-only` /
 `--nnunet-only` runs of the same budget combine; files whose `--set` overrides change the recipe
 are left out (they belong to the technique table): speed knobs (`train.threads`, `train.workers`)
-and settings equal to today's `params.yaml` defaults do not count as changes. Prints each method's test Dice per seed, the mean with its
-range, the ratio of the means (and its range over seeds), the margin over the all-empty
+and settings equal to today's `params.yaml` defaults do not count as changes. Prints each
+method's test Dice per seed, the mean with its range, the ratio of the means (and its range over seeds), the margin over the all-empty
 submission, image-steps and training CPU seconds, and the plan's time estimate against the
 actual training time.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from collections import defaultdict
@@ -24,7 +23,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.params import Params, parse_yaml  # noqa: E402
+from pipeline.params import Params, with_setting  # noqa: E402
 
 SPEED_KNOBS = {"train.threads", "train.workers"}  # change how fast, not what is trained
 CREDIT = "USGRA-seg dataset, tmkand/usgra-seg, CC-BY 4.0"
@@ -34,20 +33,14 @@ OURS, PEER = "this pipeline", "nnU-Net v2 2d"
 def recipe_changes(overrides: list[str]) -> list[str]:
     """The `section.key=value` overrides that change what is trained against today's defaults."""
     defaults = Params()
-    changes = []
-    for item in overrides:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        if key in SPEED_KNOBS:
-            continue
+
+    def changes(item: str) -> bool:
         try:
-            current = getattr(defaults, section)
-            same = dataclasses.replace(current, **{name: parse_yaml(value)}) == current
-        except (AttributeError, TypeError, ValueError):
-            same = False
-        if not same:
-            changes.append(item)
-    return changes
+            return with_setting(defaults, item) != defaults
+        except ValueError:
+            return True
+
+    return [item for item in overrides if item.partition("=")[0] not in SPEED_KNOBS and changes(item)]
 
 
 def join(paths: list[Path]) -> list[dict]:

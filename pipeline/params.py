@@ -432,6 +432,22 @@ def parse_params(raw: Any) -> Params:
     return _build(Params, raw, "")
 
 
+def with_setting(params: Params, setting: str) -> Params:
+    """`params` with one `section.key=value` setting, the value parsed as params.yaml is (`3e-5` a
+    number) and validated again; raises ValueError (ParamsError or pydantic's) for an unknown key, bad
+    YAML or a bad value. For command lines that change one knob (the benchmarks' `--set`)."""
+    key, sep, value = setting.partition("=")
+    section, dot, name = key.partition(".")
+    current = getattr(params, section, None) if sep and dot else None
+    if not (dataclasses.is_dataclass(current) and name in {f.name for f in dataclasses.fields(current)}):
+        raise ParamsError("expected section.key=value with a params.yaml key")
+    try:
+        parsed = parse_yaml(value)
+    except yaml.YAMLError as exc:
+        raise ParamsError(_yaml_problem(exc)) from None
+    return dataclasses.replace(params, **{section: dataclasses.replace(current, **{name: parsed})})
+
+
 # ---------------------------------------------------------------- YAML
 
 MAX_PARAMS_BYTES = 1 << 20    # a params file is a few KB; a larger one is refused before it is parsed

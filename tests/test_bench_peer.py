@@ -93,6 +93,8 @@ def test_overrides_set_our_params_and_refuse_unknown_keys(bench):
         bench.with_overrides(base, ["train.nope=1"])
     with pytest.raises(SystemExit, match="train.loss"):
         bench.with_overrides(base, ["train.loss=hinge"])
+    with pytest.raises(SystemExit, match="train.lr"):  # bad YAML: one error line, no traceback
+        bench.with_overrides(base, ["train.lr=[1"])
 
 
 def test_score_counts_empty_vs_empty_as_one_and_needs_every_image(bench):

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pipeline.params import (SEED_MAX, Params, ParamsError, TrainParams, UniqueKeyLoader, load_params, parse_params,
-                             to_dict)
+                             to_dict, with_setting)
 
 REPO_PARAMS = Path(__file__).parents[1] / "params.yaml"
 
@@ -290,3 +290,16 @@ def test_a_fifo_is_not_read_as_params(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(ParamsError, match="not a regular file"):
         load_params(fifo)
+
+
+def test_with_setting_changes_one_key_parsed_and_validated_as_params_yaml():
+    changed = with_setting(Params(), "train.weight_decay=3e-5")
+    assert changed.train.weight_decay == 3e-5 and changed.train.lr == Params().train.lr
+    assert with_setting(Params(), "tune.keep_largest=[false]").tune.keep_largest == (False,)
+    for setting in ("train.nope=1", "train=1", "seed.x=1", "train.lr"):
+        with pytest.raises(ParamsError, match="section.key=value"):
+            with_setting(Params(), setting)
+    with pytest.raises(ParamsError):  # bad YAML is a ParamsError, not PyYAML's own exception
+        with_setting(Params(), "train.lr=[1")
+    with pytest.raises(ValueError, match="loss"):
+        with_setting(Params(), "train.loss=hinge")
