@@ -23,7 +23,7 @@ def build_optimizer(model: torch.nn.Module, t: TrainParams, total_steps: int) ->
                                     weight_decay=t.weight_decay)
         steps = max(1, total_steps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: max(0.0, 1.0 - min(step, steps) / steps) ** POLY_EXPONENT)
+            optimizer, lambda step: (1.0 - min(step, steps) / steps) ** POLY_EXPONENT)
         return optimizer, scheduler
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=t.lr, total_steps=max(1, total_steps),
