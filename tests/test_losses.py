@@ -106,3 +106,30 @@ def test_soft_dice_is_smp_dice_per_positive_image_averaged() -> None:
     per_image = [smp_dice(probs[i:i + 1], target[i:i + 1]).item() for i in range(5) if target[i].any()]
     assert losses.soft_dice_loss(probs, target).item() == pytest.approx(sum(per_image) / len(per_image), rel=1e-5)
     assert smp_dice(probs[1:2], target[1:2]).item() == 0.0 == losses.soft_dice_loss(probs[1:2], target[1:2]).item()
+
+
+def test_deep_supervision_weights_halve_per_level_and_sum_to_one() -> None:
+    assert losses.scale_weights(0) == [1.0]
+    assert losses.scale_weights(3) == pytest.approx([8 / 15, 4 / 15, 2 / 15, 1 / 15])
+
+
+@pytest.mark.parametrize("loss", ["bce_dice", "lovasz"])
+def test_deep_supervision_scores_each_side_against_the_truth_resized_by_nearest_neighbour(loss: str) -> None:
+    """Full-resolution and side mask losses weighted by scale_weights, the presence BCE once; a side whose
+    logits match its resized truth adds nothing, a wrong one adds its weight's share."""
+    torch.manual_seed(0)
+    target = torch.zeros(2, 1, 8, 8)
+    target[0, 0, 2:6, 2:8] = 1  # image 1 empty
+    t = dataclasses.replace(TINY, loss=loss)
+    logits, presence = torch.randn(2, 1, 8, 8), torch.randn(2)
+    half, quarter = target[..., ::2, ::2], target[..., ::4, ::4]  # nearest neighbour at 1/2 and 1/4
+    assert torch.equal(half, torch.nn.functional.interpolate(target, size=(4, 4), mode="nearest"))
+    sides = [torch.randn(2, 1, 4, 4), _confident(quarter, False)]
+    w = losses.scale_weights(2)
+    presence_part = losses.compute_loss(logits, presence, target, t) - losses.mask_loss(logits, target, t)
+    expected = (w[0] * losses.mask_loss(logits, target, t) + w[1] * losses.mask_loss(sides[0], half, t)
+                + w[2] * losses.mask_loss(sides[1], quarter, t) + presence_part)
+    assert losses.compute_loss(logits, presence, target, t, sides).item() == pytest.approx(expected.item(), rel=1e-6)
+    perfect = [_confident(half, True), _confident(quarter, True)]
+    assert losses.compute_loss(logits, presence, target, t, perfect).item() == pytest.approx(
+        (w[0] * losses.mask_loss(logits, target, t) + presence_part).item(), rel=1e-5, abs=1e-6)

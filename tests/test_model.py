@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from helpers import TINY_MODEL as TINY
-from pipeline.model.network import build_model, preprocess, split_outputs, to_native
+from pipeline.model.network import (SideOutputs, bare, build_model, preprocess, split_outputs, split_training_outputs,
+                                    to_native, trainable)
 
 
 @pytest.mark.parametrize("presence_head", [True, False])
@@ -27,6 +28,28 @@ def test_outputs_have_mask_and_presence_shapes(presence_head: bool) -> None:
 def test_presence_head_is_a_separate_output() -> None:
     out = build_model(TINY).eval()(torch.randn(2, 1, 64, 64))
     assert isinstance(out, tuple) and len(out) == 2
+
+
+def test_deep_supervision_adds_side_logits_in_training_and_leaves_the_model_as_it_was() -> None:
+    """With train.deep_supervision the trained module returns the U-Net's own outputs plus one logit map per
+    inner decoder block (finest first, the coarsest left out); the U-Net alone, which is saved and exported,
+    is unchanged and carries none of the heads."""
+    t = dataclasses.replace(TINY, encoder_depth=4, decoder_channels=(32, 16, 8, 4), deep_supervision=True)
+    torch.manual_seed(0)
+    model = build_model(t).eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        alone = split_outputs(model(x))
+        wrapped = trainable(model, t).eval()
+        mask_logits, presence_logit, sides = split_training_outputs(wrapped(x))
+        again = split_outputs(model(x))
+    assert isinstance(wrapped, SideOutputs) and bare(wrapped) is model
+    assert [tuple(s.shape) for s in sides] == [(2, 1, 32, 32), (2, 1, 16, 16)]
+    assert torch.equal(mask_logits, alone[0]) and torch.equal(presence_logit, alone[1])
+    assert torch.equal(again[0], alone[0])  # the hooks capture only inside the wrapper
+    assert not any("heads" in k for k in model.state_dict()) and any(k.startswith("heads.") for k in wrapped.state_dict())
+    plain = dataclasses.replace(t, deep_supervision=False)
+    assert trainable(model, plain) is model and split_training_outputs(model(x))[2] == []
 
 
 def test_preprocess_normalises_and_resizes_and_to_native_restores_the_grid() -> None:

@@ -291,3 +291,23 @@ def test_cli_prints_training_errors_without_a_traceback(inputs, tmp_path) -> Non
     assert result.exit_code == 1
     assert "error: train.folds: 3 folds need at least 3 subjects, the data has 1" in result.output
     assert "Traceback" not in result.output
+
+
+def test_deep_supervision_trains_saves_the_plain_model_and_resumes_to_the_same_weights(inputs, tmp_path,
+                                                                                      monkeypatch) -> None:
+    """With train.deep_supervision the side heads train with the model and are kept in last.pt (a killed run
+    resumes bit-identical), while best.pt holds only the U-Net, which loads into a plain model."""
+    from pipeline.model.network import build_model
+
+    t = dataclasses.replace(TINY, deep_supervision=True)
+    _run(t, inputs, tmp_path / "whole")
+    whole = torch.load(tmp_path / "whole" / "models" / "fold_0" / "best.pt", weights_only=True)
+    build_model(t).load_state_dict(whole["model"])  # strict: no side-head keys
+    _interrupted_in_epoch_two(monkeypatch, t, inputs, tmp_path / "cut")
+    killed = torch.load(tmp_path / "cut" / "models" / "fold_0" / "last.pt", weights_only=True)
+    assert any(k.startswith("heads.") for k in killed["model"])
+    _run(t, inputs, tmp_path / "cut")
+    cut = torch.load(tmp_path / "cut" / "models" / "fold_0" / "best.pt", weights_only=True)
+    assert cut["epoch"] == whole["epoch"] and cut["model"].keys() == whole["model"].keys()
+    for key, value in whole["model"].items():
+        assert torch.equal(value, cut["model"][key]), key

@@ -61,12 +61,26 @@ def mask_loss(mask_logits: torch.Tensor, target: torch.Tensor, t: TrainParams) -
     return t.bce_weight * pixel + t.dice_weight * soft_dice_loss(torch.sigmoid(mask_logits), target)
 
 
+def scale_weights(sides: int) -> list[float]:
+    """Weights of the full-resolution mask loss and of `sides` coarser ones: halved per level and
+    summing to 1 (nnU-Net's deep supervision weights), so the mask loss keeps its size."""
+    weights = [0.5 ** level for level in range(sides + 1)]
+    return [w / sum(weights) for w in weights]
+
+
 def compute_loss(mask_logits: torch.Tensor, presence_logit: torch.Tensor, target: torch.Tensor,
-                 t: TrainParams) -> torch.Tensor:
+                 t: TrainParams, side_logits: list[torch.Tensor] | tuple[()] = ()) -> torch.Tensor:
     """The mask loss (`mask_loss`) + presence_weight * presence BCE.
 
-    Default (`bce_dice`): bce_weight * pixel BCE + dice_weight * soft Dice + presence_weight * presence BCE."""
+    Default (`bce_dice`): bce_weight * pixel BCE + dice_weight * soft Dice + presence_weight * presence BCE.
+    With deep supervision's `side_logits` (coarser, finest first) the mask loss is the
+    `scale_weights` sum of it at every resolution, each against the truth resized by nearest
+    neighbour (nnU-Net's choice: the targets stay 0/1)."""
     mask_logits, presence_logit = mask_logits.float(), presence_logit.float()
     present = (target.flatten(1).amax(1) > 0).float()
-    return (mask_loss(mask_logits, target, t)
-            + t.presence_weight * F.binary_cross_entropy_with_logits(presence_logit, present))
+    weights = scale_weights(len(side_logits))
+    masks = weights[0] * mask_loss(mask_logits, target, t)
+    for weight, logits in zip(weights[1:], side_logits):
+        small = F.interpolate(target, size=logits.shape[-2:], mode="nearest")
+        masks = masks + weight * mask_loss(logits.float(), small, t)
+    return masks + t.presence_weight * F.binary_cross_entropy_with_logits(presence_logit, present)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -118,6 +118,65 @@ def _adapt_first_conv(saved: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
 def input_channels(model: torch.nn.Module) -> int:
     """Channels the network takes: those of its first convolution."""
     return next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+
+
+class Supervised(NamedTuple):
+    """What `SideOutputs` returns in training: the U-Net's own output and the side heads' logits."""
+
+    output: Any
+    sides: list[torch.Tensor]
+
+
+class SideOutputs(torch.nn.Module):
+    """Deep supervision (nnU-Net's): a 1x1 convolution on each inner decoder block's output gives a
+    lower-resolution mask logit map that the loss scores too, so the deep layers get a short
+    gradient path early in a short run.
+
+    Training only: the wrapped U-Net (`.model`) is what is validated, saved as best.pt and
+    exported; the heads live here and in last.pt. The outermost block is the U-Net's own output and
+    the innermost (coarsest) gets no head, as in nnU-Net, so depth 5 has three side heads,
+    finest first."""
+
+    def __init__(self, model: torch.nn.Module, decoder_channels: tuple[int, ...]):
+        super().__init__()
+        self.model = model
+        inner = list(model.decoder.blocks)[1:-1][::-1]
+        self.heads = torch.nn.ModuleList(torch.nn.Conv2d(c, 1, kernel_size=1) for c in decoder_channels[1:-1][::-1])
+        self._features: list[torch.Tensor] | None = None
+        for block in inner:
+            block.register_forward_hook(self._capture)
+
+    def _capture(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        if self._features is not None:  # only inside this wrapper's forward, not when the U-Net runs alone
+            self._features.append(output)
+
+    def forward(self, x: torch.Tensor) -> Supervised:
+        self._features = []
+        try:
+            output, features = self.model(x), self._features[::-1]  # hooks fire coarsest first
+        finally:
+            self._features = None
+        return Supervised(output, [head(f) for head, f in zip(self.heads, features)])
+
+
+def trainable(model: torch.nn.Module, t: TrainParams) -> torch.nn.Module:
+    """The module training runs: the model itself, or with `train.deep_supervision` wrapped in `SideOutputs`."""
+    return SideOutputs(model, t.decoder_channels) if t.deep_supervision else model
+
+
+def bare(module: torch.nn.Module) -> torch.nn.Module:
+    """The U-Net inside what training runs (DistributedDataParallel and/or `SideOutputs` around it)."""
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        module = module.module
+    return module.model if isinstance(module, SideOutputs) else module
+
+
+def split_training_outputs(output: Any) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(mask_logits, presence_logit, side logits finest first; [] without deep supervision) from what
+    `trainable(...)` returns."""
+    if isinstance(output, Supervised):
+        return (*split_outputs(output.output), output.sides)
+    return (*split_outputs(output), [])
 
 
 def split_outputs(output: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import time
 import torch
 
 from pipeline.model.losses import compute_loss
-from pipeline.model.network import build_model, split_outputs
+from pipeline.model.network import build_model, split_outputs, split_training_outputs, trainable
 from pipeline.model.optimizers import build_optimizer
 from pipeline.model.runtime import setup_runtime
 from pipeline.params import TrainParams
@@ -50,15 +50,16 @@ def _measure(t: TrainParams, in_channels: int, steps: int, warmup: int) -> Throu
     model = build_model(dataclasses.replace(t, encoder_weights="none"), in_channels).to(rt.device)
     if rt.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    optimizer, _ = build_optimizer(model, t, steps + warmup)
+    trained = trainable(model, t).to(rt.device)
+    optimizer, _ = build_optimizer(trained, t, steps + warmup)
     setup = time.perf_counter() - began
     x = torch.randn(t.batch_size, in_channels, t.height, t.width, generator=generator).to(rt.device)
     y = (torch.rand(t.batch_size, 1, t.height, t.width, generator=generator) > 0.9).float().to(rt.device)
 
     def train_step() -> None:
         with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.amp):
-            mask_logits, presence_logit = split_outputs(model(x))
-        loss = compute_loss(mask_logits, presence_logit, y, t)
+            mask_logits, presence_logit, sides = split_training_outputs(trained(x))
+        loss = compute_loss(mask_logits, presence_logit, y, t, sides)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -69,7 +70,7 @@ def _measure(t: TrainParams, in_channels: int, steps: int, warmup: int) -> Throu
             split_outputs(model(x))
 
     def timed(step, mode: bool) -> float:
-        model.train(mode)
+        trained.train(mode)
         for _ in range(warmup):
             step()
         _sync(rt.device)

@@ -34,7 +34,8 @@ from pipeline.model.checkpoints import FoldFiles
 from pipeline.codedeps import PACKAGE_DIR, code_files
 from pipeline.model.losses import compute_loss
 from pipeline.model.metrics import dice_per_image
-from pipeline.model.network import build_model, channels_first, check_encoder, check_encoder_weights, split_outputs
+from pipeline.model.network import (bare, build_model, channels_first, check_encoder, check_encoder_weights, split_outputs,
+                                    split_training_outputs, trainable)
 from pipeline.model.optimizers import build_optimizer
 from pipeline.params import DiagnosticsParams, Params, TrainParams, to_dict
 from pipeline.model.runtime import Runtime, setup_runtime, teardown
@@ -88,8 +89,7 @@ class Ema:
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-        d, current = self.rate(), model.state_dict()
+        d, current = self.rate(), bare(model).state_dict()
         pairs = [(avg, current[k]) for k, avg in self.model.state_dict().items()]
         floats = [(a, c) for a, c in pairs if a.is_floating_point()]
         torch._foreach_lerp_([a for a, _ in floats], [c for _, c in floats], 1.0 - d)
@@ -232,8 +232,8 @@ def train_epoch(model: torch.nn.Module, loader: torch.utils.data.DataLoader, opt
     for x, y in tqdm(loader, desc=desc, unit="batch", leave=False, disable=not rt.main, mininterval=1.0):
         x, y = rt.to_device(x), y.to(rt.device, non_blocking=True)
         with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.amp):
-            mask_logits, presence_logit = split_outputs(model(x))
-        loss = compute_loss(mask_logits, presence_logit, y, t)
+            mask_logits, presence_logit, sides = split_training_outputs(model(x))
+        loss = compute_loss(mask_logits, presence_logit, y, t, sides)
         if rt.any(not bool(torch.isfinite(loss))):
             raise TrainingError(f"{desc}: the loss became {float(loss.detach())} (NaN/inf); lower train.lr "
                                 f"(now {t.lr}) or check the input images")
@@ -257,9 +257,10 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
 
     Rank 0 runs the diagnostics: they read, never change, the model (pipeline/diagnostics/monitor.py)."""
     torch.manual_seed(seed + fold.index)  # each fold's start is independent of the folds before it
-    model = build_model(t, in_channels=1 if fold.x_train.ndim == 3 else fold.x_train.shape[3]).to(rt.device)
+    model = build_model(t, in_channels=1 if fold.x_train.ndim == 3 else fold.x_train.shape[3])
+    trained = trainable(model, t).to(rt.device)  # the model, or with deep supervision's side heads around it
     if rt.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+        trained = trained.to(memory_format=torch.channels_last)
     dataset = Samples(fold.x_train, fold.y_train, fold.norm, transform, seed)
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=rt.world, rank=rt.rank, shuffle=True,
                                                   seed=seed)
@@ -267,7 +268,7 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
     # (and with them the presence calibration) around from epoch to epoch
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.workers,
                                          pin_memory=rt.device.type == "cuda", drop_last=len(sampler) > t.batch_size)
-    optimizer, scheduler = build_optimizer(model, t, t.epochs * len(loader))
+    optimizer, scheduler = build_optimizer(trained, t, t.epochs * len(loader))
     files = FoldFiles(fold_dir, fold.run_hash)
     ema = Ema(model, t.ema) if t.ema > 0 else None
     evaluated = ema.model if ema else model  # what is validated and saved as best.pt
@@ -279,7 +280,7 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
     if rt.main:
         files.settle(state)
     if state is not None:
-        files.restore(state, model, optimizer, scheduler, rt.device, ema)
+        files.restore(state, trained, optimizer, scheduler, rt.device, ema)
         start, history, best = state["epoch"], state["history"], state["best_dice"]
         if monitor:
             monitor.restore(state.get("diagnostics"))
@@ -289,7 +290,7 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
         monitor.start(model)
     for row in history:
         _log_epoch(live, fold.index, row)
-    net = rt.wrap(model)
+    net = rt.wrap(trained)
     for epoch in range(start, t.epochs):
         began = time.perf_counter()
         sampler.set_epoch(epoch)
@@ -318,7 +319,7 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
             progress = {"epoch": epoch + 1, "history": history, "best_dice": best,
                         "diagnostics": monitor.state() if monitor else None}
             if epoch + 1 < t.epochs:  # what the next epoch needs
-                files.save_last(model, t, fold.norm, optimizer=optimizer, scheduler=scheduler, device=rt.device,
+                files.save_last(trained, t, fold.norm, optimizer=optimizer, scheduler=scheduler, device=rt.device,
                                 ema=ema.state_dict() if ema else None, **progress)
             else:  # finished: best.pt and a small done.json stay, last.pt goes
                 files.finish(**progress)
