@@ -250,12 +250,12 @@ def with_overrides(p: Params, overrides: list[str]) -> Params:
     return p
 
 
-def our_params(variant: Variant, seed: int, folds: int, overrides: list[str] = ()) -> Params:
+def our_params(variant: Variant, seed: int, overrides: list[str] = ()) -> Params:
     base = Params()
     data = dataclasses.replace(base.data, raw_dir=str(variant.raw), layout="folders", foreground=variant.foreground,
                                group_column="group" if variant.group_csv else None,
                                csv_file=variant.group_csv or base.data.csv_file, id_column="id")
-    p = dataclasses.replace(base, seed=seed, data=data, train=dataclasses.replace(base.train, folds=folds))
+    p = dataclasses.replace(base, seed=seed, data=data)
     return with_overrides(p, list(overrides))
 
 
@@ -290,13 +290,13 @@ def tune_and_score(variant: Variant, p: Params, root: Path) -> tuple[dict, dict]
     return score(preds, truths), summary
 
 
-def rescore(variant: Variant, work: Path, name: str, seed: int, folds: int) -> dict:
+def rescore(variant: Variant, work: Path, name: str, seed: int) -> dict:
     """Re-run tune and predict on a finished `--ours-only` run (its trained models kept under `work`),
     with the code as it is now, and rewrite its result file: a change to tune or predict needs no
     retraining to be measured."""
     path = work / f"results_{name}_seed_{seed}.json"
     result = json.loads(path.read_text())
-    p = our_params(variant, seed, folds, result.get("overrides", []))
+    p = our_params(variant, seed, result.get("overrides", []))
     if result.get("budget") is not None:
         p = dataclasses.replace(p, train=dataclasses.replace(p.train, budget=result["budget"]))
     scores, _ = tune_and_score(variant, p, work / "ours" / f"seed_{seed}")
@@ -308,14 +308,14 @@ def rescore(variant: Variant, work: Path, name: str, seed: int, folds: int) -> d
     return ours
 
 
-def run_ours(variant: Variant, seed: int, folds: int, budget: int | None, root: Path,
+def run_ours(variant: Variant, seed: int, budget: int | None, root: Path,
              epochs: int | None, overrides: list[str] = ()) -> dict:
     """The stage chain under `root`; returns scores, image-steps and seconds. `budget` (image-steps)
     is spent by the plan (None: its default, `train.budget: auto`); `epochs` overrides the plan's."""
     if root.exists():
         shutil.rmtree(root)  # train resumes a matching run hash: start clean
     root.mkdir(parents=True)
-    p = our_params(variant, seed, folds, overrides)
+    p = our_params(variant, seed, overrides)
     if budget is not None:
         p = dataclasses.replace(p, train=dataclasses.replace(p.train, budget=budget))
     if epochs is not None:
@@ -329,7 +329,7 @@ def run_ours(variant: Variant, seed: int, folds: int, budget: int | None, root: 
               metrics=root / "clean.json")
     the_plan = read_plan(plan_json)
     planned = the_plan.apply(p).train
-    batch, epochs, trained_folds = planned.batch_size, planned.epochs, planned.train_folds
+    batch, epochs, trained_folds, folds = planned.batch_size, planned.epochs, planned.train_folds, planned.folds
     n_rows = len(pd.read_csv(interim / "manifest.csv").query("split == 'train'"))
     per_epoch = _fold_steps(root / "processed" / "manifest.csv", n_rows, folds, trained_folds, batch, seed)
     estimate = the_plan.estimate
@@ -480,7 +480,6 @@ def main() -> None:
                     help="training image-steps (images per step x steps), both methods (default: our plan's "
                          "train.budget: auto, 24 x the training images)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[42])
-    ap.add_argument("--folds", type=int, default=4, help="our folds (all trained, averaged at prediction)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_peer"), help="scratch folder outside the repo")
     ap.add_argument("--install", action="store_true", help="pip install nnunetv2 (the `peer` extra) when missing")
     ap.add_argument("--our-epochs", type=int, help="our epochs instead of --budget (nnU-Net still gets the image-steps ours took)")
@@ -529,7 +528,7 @@ def main() -> None:
     for seed in args.seeds:
         began = time.perf_counter()
         if args.rescore:
-            ours = rescore(variant, work, args.variant, seed, args.folds)
+            ours = rescore(variant, work, args.variant, seed)
             print(f"seed {seed}: {ours['detail']}", flush=True)
             continue
         if args.nnunet_only:
@@ -542,7 +541,7 @@ def main() -> None:
                        {"variant": args.variant, "scale": args.scale, "budget": args.budget, "seed": seed,
                         "overrides": [], "rows": {"nnU-Net v2 2d": peer}})
             continue
-        ours = run_ours(variant, seed, args.folds, args.budget, work / "ours" / f"seed_{seed}", args.our_epochs,
+        ours = run_ours(variant, seed, args.budget, work / "ours" / f"seed_{seed}", args.our_epochs,
                         args.overrides)
         rows = {"this pipeline": ours}
         if not args.ours_only:  # equal budget: nnU-Net gets the image-steps ours actually took, unless overridden

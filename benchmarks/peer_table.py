@@ -56,7 +56,8 @@ def join(paths: list[Path]) -> list[dict]:
             continue
         rows = result["rows"]
         run = {"variant": result["variant"], "scale": float(result.get("scale", 1.0)), "seed": result.get("seed"),
-               "steps": rows[OURS]["image_steps"] if OURS in rows else result.get("budget"), "rows": dict(rows)}
+               "steps": rows[OURS]["image_steps"] if OURS in rows else result.get("budget"), "rows": dict(rows),
+               "files": {method: path for method in rows}}
         (runs if OURS in rows else peers).append(run)
     for peer in peers:
         match = next((r for r in runs if PEER not in r["rows"] and peer["seed"] is not None
@@ -66,19 +67,29 @@ def join(paths: list[Path]) -> list[dict]:
             runs.append(peer)
         else:
             match["rows"].update(peer["rows"])
+            match["files"].update(peer["files"])
     return runs
 
 
 def collect(paths: list[Path]) -> dict[tuple[str, float, int], dict[int, dict[str, dict]]]:
     """(variant, scale, budget) -> seed -> method -> row; the budget is our image-steps rounded to
-    the nearest 5% step so the seeds of one budget share a table."""
+    the nearest 5% step so the seeds of one budget share a table. Two files of one method for the
+    same cell (a re-run) are not merged silently: the later path wins, and stderr says which."""
     out: dict[tuple[str, float, int], dict[int, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
+    sources: dict[tuple, Path] = {}
     groups: list[int] = []
     for run in join(paths):
         budget = next((g for g in groups if abs(g - run["steps"]) <= 0.05 * g), None)
         if budget is None:
             groups.append(budget := int(run["steps"]))
-        out[(run["variant"], run["scale"], budget)][run["seed"]].update(run["rows"])
+        cell = (run["variant"], run["scale"], budget)
+        for method, path in run["files"].items():
+            earlier = sources.get((*cell, run["seed"], method))
+            if earlier is not None:
+                print(f"warning: {run['variant']} seed {run['seed']}, about {budget:,} image-steps: two {method} "
+                      f"runs ({earlier}, {path}); the table shows {path}", file=sys.stderr)
+            sources[(*cell, run["seed"], method)] = path
+        out[cell][run["seed"]].update(run["rows"])
     return out
 
 

@@ -85,8 +85,10 @@ def test_scaled_then_windowed_variant_keeps_the_split_and_groups(bench, tmp_path
 
 
 def test_overrides_set_our_params_and_refuse_unknown_keys(bench):
-    base = bench.our_params(bench.full_variant(Path("/data")), 7, 4, ["train.loss=lovasz", "tune.keep_largest=[false]"])
+    base = bench.our_params(bench.full_variant(Path("/data")), 7, ["train.loss=lovasz", "tune.keep_largest=[false]"])
     assert base.train.loss == "lovasz" and base.tune.keep_largest == (False,) and base.seed == 7
+    assert base.train.folds == Params().train.folds  # folds are a setting like any other: --set train.folds=5
+    assert bench.our_params(bench.full_variant(Path("/data")), 7, ["train.folds=5"]).train.folds == 5
     small = bench.with_overrides(base, ["train.weight_decay=3e-5", "train.lr=1E-2"])  # YAML 1.2 floats, as params.yaml
     assert small.train.weight_decay == 3e-5 and small.train.lr == 0.01
     with pytest.raises(SystemExit, match="train.nope"):
@@ -142,8 +144,21 @@ def test_peer_table_leaves_out_recipe_changes_but_not_speed_knobs_or_defaults(tm
         "train.loss=lovasz", "train.nope=1"]
     row = {"this pipeline": {"dice": 0.5, "image_steps": 4864}}
     paths = [_result(tmp_path / "a.json", 42, row, overrides=["train.threads=1", default_lr]),
-             _result(tmp_path / "b.json", 43, row, overrides=["train.loss=lovasz"])]
+             _result(tmp_path / "b.json", 43, row, overrides=["train.loss=lovasz"]),
+             _result(tmp_path / "c.json", 44, row, overrides=["train.folds=5"])]
     assert [run["seed"] for run in peer_table.join(paths)] == [42]
+
+
+def test_peer_table_names_a_rerun_of_the_same_seed_instead_of_merging_it_silently(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("peer_table", ROOT / "benchmarks" / "peer_table.py")
+    peer_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peer_table)
+    first, again = ({"this pipeline": {"dice": d, "image_steps": 4864}} for d in (0.5, 0.6))
+    paths = [_result(tmp_path / "a.json", 42, first), _result(tmp_path / "b.json", 42, again)]
+    tables = peer_table.collect(paths)
+    assert tables[("full", 0.1875, 4864)][42]["this pipeline"]["dice"] == 0.6
+    err = capsys.readouterr().err
+    assert "seed 42" in err and "two this pipeline runs" in err and "the table shows " + str(paths[1]) in err
 
 
 def test_separate_ours_only_and_nnunet_only_runs_join_by_seed(tmp_path):
