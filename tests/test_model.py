@@ -47,7 +47,8 @@ def test_deep_supervision_adds_side_logits_in_training_and_leaves_the_model_as_i
     assert [tuple(s.shape) for s in sides] == [(2, 1, 32, 32), (2, 1, 16, 16)]
     assert torch.equal(mask_logits, alone[0]) and torch.equal(presence_logit, alone[1])
     assert torch.equal(again[0], alone[0])  # the hooks capture only inside the wrapper
-    assert not any("heads" in k for k in model.state_dict()) and any(k.startswith("heads.") for k in wrapped.state_dict())
+    assert not any("heads" in k for k in model.state_dict())
+    assert any(k.startswith("heads.") for k in wrapped.state_dict())
     plain = dataclasses.replace(t, deep_supervision=False)
     assert trainable(model, plain) is model and split_training_outputs(model(x))[2] == []
 
