@@ -34,8 +34,8 @@ from pipeline.model.checkpoints import FoldFiles
 from pipeline.codedeps import PACKAGE_DIR, code_files
 from pipeline.model.losses import compute_loss
 from pipeline.model.metrics import dice_per_image
-from pipeline.model.network import (bare, build_model, channels_first, check_encoder, check_encoder_weights,
-                                    split_outputs, split_training_outputs, trainable)
+from pipeline.model.network import (bare, build_model, channels_first, check_encoder, check_encoder_weights, split_outputs,
+                                    split_training_outputs, trainable)
 from pipeline.model.optimizers import build_optimizer
 from pipeline.params import DiagnosticsParams, Params, TrainParams, to_dict
 from pipeline.model.runtime import Runtime, setup_runtime, teardown
