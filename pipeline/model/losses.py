@@ -6,6 +6,8 @@ presence head).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -69,7 +71,7 @@ def scale_weights(sides: int) -> list[float]:
 
 
 def compute_loss(mask_logits: torch.Tensor, presence_logit: torch.Tensor, target: torch.Tensor,
-                 t: TrainParams, side_logits: list[torch.Tensor] | tuple[()] = ()) -> torch.Tensor:
+                 t: TrainParams, side_logits: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """The mask loss (`mask_loss`) + presence_weight * presence BCE.
 
     Default (`bce_dice`): bce_weight * pixel BCE + dice_weight * soft Dice + presence_weight * presence BCE.

@@ -47,10 +47,10 @@ def _measure(t: TrainParams, in_channels: int, steps: int, warmup: int) -> Throu
     rt = setup_runtime(t)
     generator = torch.Generator().manual_seed(0)
     began = time.perf_counter()
-    model = build_model(dataclasses.replace(t, encoder_weights="none"), in_channels).to(rt.device)
+    model = build_model(dataclasses.replace(t, encoder_weights="none"), in_channels)
+    trained = trainable(model, t).to(rt.device)  # as training builds it: side heads too with deep supervision
     if rt.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    trained = trainable(model, t).to(rt.device)
+        trained = trained.to(memory_format=torch.channels_last)
     optimizer, _ = build_optimizer(trained, t, steps + warmup)
     setup = time.perf_counter() - began
     x = torch.randn(t.batch_size, in_channels, t.height, t.width, generator=generator).to(rt.device)
