@@ -175,10 +175,14 @@ class TrainParams:
     budget: Auto | Annotated[Int, Field(ge=1)] = Field(
         "auto", description="Training image-steps (images per optimizer step x steps) over all trained folds, "
                             "spent by the plan on train_folds, epochs and batch_size where they are auto; auto: "
-                            "budget_minutes' worth when that is set, else 24 x the training images.")
+                            "budget_minutes' worth when that is set, else 24 x the training images, at most "
+                            "max_minutes' worth.")
     budget_minutes: Float = Field(0.0, ge=0.0, description="Train for about this many minutes on this device "
                                                            "instead (0: off); the plan's throughput probe turns "
                                                            "them into image-steps.")
+    max_minutes: Float = Field(60.0, ge=0.0, description="Cap on the auto budget: train for at most about this "
+                                                         "many minutes on this device (0: no cap); an explicit "
+                                                         "budget or budget_minutes is not capped.")
     min_fold_steps: Int = Field(1500, ge=1, description="Optimizer steps each trained fold gets at least (auto "
                                                        "train_folds): a small budget trains fewer, longer folds.")
     epochs: Auto | Annotated[Int, Field(ge=1)] = Field(

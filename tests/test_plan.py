@@ -65,6 +65,36 @@ def test_a_budget_in_minutes_is_converted_with_the_measured_rates() -> None:
     assert estimate["train_seconds"] == pytest.approx(600, rel=0.1)  # what was asked for, up to rounding of epochs
 
 
+SLOW = dataclasses.replace(RATES, train_seconds_per_image=0.3)  # 24 x 3,200 images: about 6.5 hours
+
+
+def test_the_auto_budget_stops_at_max_minutes_of_this_device() -> None:
+    spent = plan.spend(_train(), 3_200, SLOW)
+    assert spent["train.budget"] == plan.minutes_budget(_train(), 3_200, SLOW, 60.0) < 24 * 3_200
+    capped = _train(train_folds=spent["train.train_folds"], epochs=spent["train.epochs"])
+    # about an hour, up to the rounding to whole epochs (2.5 of 2,400 images become 2 here)
+    assert plan.estimate(capped, 3_200, SLOW)["train_seconds"] == pytest.approx(3_600, rel=0.25)
+    assert plan.spend(_train(max_minutes=30.0), 3_200, SLOW)["train.budget"] == pytest.approx(
+        spent["train.budget"] / 2, rel=0.01)
+
+
+@pytest.mark.parametrize("change", [{"max_minutes": 0.0}, {"budget": 24 * 3_200}, {"budget_minutes": 120.0}])
+def test_no_cap_without_max_minutes_or_on_an_explicit_budget(change: dict) -> None:
+    spent = plan.spend(_train(**change), 3_200, SLOW)
+    assert spent["train.budget"] > plan.minutes_budget(_train(), 3_200, SLOW, 60.0)
+
+
+def test_a_capped_budget_is_said_before_training(tmp_path: Path, monkeypatch) -> None:
+    fingerprint = tmp_path / "fingerprint.json"
+    fingerprint.write_text(json.dumps({"median_height": 101, "median_width": 101, "one_image_per_group": True,
+                                       "groups": 3_200, "images": 3_200, "sizes": []}))
+    monkeypatch.setattr(probe, "measure", lambda t, channels: SLOW)
+    summary = plan.run(Params(), fingerprint=fingerprint, out=tmp_path / "plan.json")
+    assert "train.max_minutes (60)" in summary["budget_capped"] and "76,800" in summary["budget_capped"]
+    monkeypatch.setattr(probe, "measure", lambda t, channels: RATES)
+    assert "budget_capped" not in plan.run(Params(), fingerprint=fingerprint, out=tmp_path / "plan.json")
+
+
 def test_the_estimate_adds_steps_validation_and_setup() -> None:
     t = _train(train_folds=2, epochs=3)
     e = plan.estimate(t, 480, RATES)

@@ -13,8 +13,8 @@ were automatic and the facts they came from. Every later stage applies it to its
 - minimum areas (`tune.min_areas`): `tune.min_area_fractions` of the median image area;
 - `train.batch_size` and `train.workers` from the device (GPU memory, CPU cores);
 - the training budget (`train.budget`, image-steps: images per optimizer step x steps, over all
-  trained folds; auto: 24 x the training images, or `train.budget_minutes` of this device's
-  measured throughput) spent on `train.train_folds` and `train.epochs`: as many folds as get
+  trained folds; auto: 24 x the training images, at most `train.max_minutes` (an hour) of this
+  device's measured throughput, or `train.budget_minutes` of it) spent on `train.train_folds` and `train.epochs`: as many folds as get
   `train.min_fold_steps` optimizer steps each (one long model beats several short ones on a
   small budget; a large budget trains every fold, for the full out-of-fold set and the
   ensemble), the epochs spreading the budget over them.
@@ -103,17 +103,29 @@ def _fold_images(t: TrainParams, images: int) -> tuple[int, int, int]:
     return train, val, (train // t.batch_size) * t.batch_size if train > t.batch_size else train
 
 
+def minutes_budget(t: TrainParams, images: int, rates: Throughput, minutes: float) -> int:
+    """Image-steps that take about `minutes` here: a second of training buys 1 / (a step's time + its
+    share of the validation passes)."""
+    _, val, per_epoch = _fold_images(t, images)
+    per_image = rates.train_seconds_per_image + rates.eval_seconds_per_image * val / per_epoch
+    return max(1, int(minutes * 60 / per_image))
+
+
 def spend(t: TrainParams, images: int, rates: Throughput) -> dict[str, int]:
     """`train.budget` (image-steps), `train.train_folds` and `train.epochs`: the budget spent on as many
-    folds as get `min_fold_steps` optimizer steps each, at least one; explicit values are kept."""
-    train, val, per_epoch = _fold_images(t, images)
+    folds as get `min_fold_steps` optimizer steps each, at least one; explicit values are kept.
+
+    The auto budget stops at `max_minutes` of this device: 24 x 3,200 images is about two hours
+    on a 2-core CPU, too long for a default run to take unasked."""
+    per_epoch = _fold_images(t, images)[2]
     if t.budget != "auto":
         budget = t.budget
-    elif t.budget_minutes > 0:  # a second of training buys 1 / (a step's time + its share of validation)
-        per_image = rates.train_seconds_per_image + rates.eval_seconds_per_image * val / per_epoch
-        budget = max(1, int(t.budget_minutes * 60 / per_image))
+    elif t.budget_minutes > 0:
+        budget = minutes_budget(t, images, rates, t.budget_minutes)
     else:
         budget = BUDGET_PER_IMAGE * images
+        if t.max_minutes > 0:
+            budget = min(budget, minutes_budget(t, images, rates, t.max_minutes))
     folds = (t.train_folds if t.train_folds != "auto"
              else int(np.clip(budget // (t.batch_size * t.min_fold_steps), 1, t.folds)))
     epochs = t.epochs if t.epochs != "auto" else max(1, round(budget / (folds * per_epoch)))
@@ -154,6 +166,12 @@ def run(params: Params, *, fingerprint: str | Path, out: str | Path) -> dict[str
     plan, time_estimate = resolve(params, facts, device, lambda t: measure(t, channels))
     write_plan(out, plan, {"dataset": facts, "device": device}, time_estimate)
     minutes = time_estimate["train_seconds"] / 60
-    return {**plan.values, "automatic": ", ".join(plan.automatic) or "none",
-            "estimated_training": f"{minutes:.1f} min on this device ({time_estimate['image_steps']:,} image-steps, "
-                                  f"{time_estimate['optimizer_steps_per_fold']} optimizer steps per fold)"}
+    summary = {**plan.values, "automatic": ", ".join(plan.automatic) or "none",
+               "estimated_training": f"{minutes:.1f} min on this device ({time_estimate['image_steps']:,} image-steps, "
+                                     f"{time_estimate['optimizer_steps_per_fold']} optimizer steps per fold)"}
+    uncapped = BUDGET_PER_IMAGE * facts["images"]
+    if "train.budget" in plan.automatic and plan.values["train.budget"] < uncapped:
+        summary["budget_capped"] = (f"at train.max_minutes ({params.train.max_minutes:g}) of this device, "
+                                    f"{plan.values['train.budget']:,} of the {uncapped:,} image-steps that 24 x the "
+                                    f"training images would be; set train.budget or train.max_minutes to train longer")
+    return summary
