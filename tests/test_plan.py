@@ -91,8 +91,12 @@ def test_a_capped_budget_is_said_before_training(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(probe, "measure", lambda t, channels: SLOW)
     summary = plan.run(Params(), fingerprint=fingerprint, out=tmp_path / "plan.json")
     assert "train.max_minutes (60)" in summary["budget_capped"] and "76,800" in summary["budget_capped"]
+    assert json.loads((tmp_path / "plan.json").read_text())["estimate"]["budget_capped_from"] == 76_800
+    minutes = Params(train=TrainParams(budget_minutes=30.0))  # asked for: a smaller budget, not a cap
+    assert "budget_capped" not in plan.run(minutes, fingerprint=fingerprint, out=tmp_path / "plan.json")
     monkeypatch.setattr(probe, "measure", lambda t, channels: RATES)
     assert "budget_capped" not in plan.run(Params(), fingerprint=fingerprint, out=tmp_path / "plan.json")
+    assert "budget_capped_from" not in json.loads((tmp_path / "plan.json").read_text())["estimate"]
 
 
 def test_the_estimate_adds_steps_validation_and_setup() -> None:

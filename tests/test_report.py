@@ -317,3 +317,6 @@ def test_training_time_sets_the_plans_estimate_against_the_actual_time() -> None
     assert "no actual time yet" in report.training_time(estimate, None)
     assert "made no estimate" in report.training_time(None, {"train_seconds": 250.0})
     assert "made no estimate" in report.training_time({"train_seconds": "soon"}, None)  # hand-edited: no traceback
+    assert "capped" not in line
+    capped = report.training_time({**estimate, "budget_capped_from": 76_800}, None)
+    assert "capped at train.max_minutes (76,800 image-steps uncapped)" in capped

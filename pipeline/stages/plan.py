@@ -92,7 +92,11 @@ def resolve(params: Params, facts: dict[str, Any], device: dict[str, Any],
     explicit = {key: _get(params, key) for key in values if key not in automatic}
     plan = Plan({**values, **{k: list(v) if isinstance(v, tuple) else v for k, v in explicit.items()}}, automatic)
     final = dataclasses.replace(sized, train_folds=plan.values["train.train_folds"], epochs=plan.values["train.epochs"])
-    return plan, estimate(final, facts["images"], rates)
+    time_estimate = estimate(final, facts["images"], rates)
+    uncapped = BUDGET_PER_IMAGE * facts["images"]
+    if t.budget == "auto" and t.budget_minutes == 0 and plan.values["train.budget"] < uncapped:
+        time_estimate["budget_capped_from"] = uncapped  # the image-steps train.max_minutes cut
+    return plan, time_estimate
 
 
 def _fold_images(t: TrainParams, images: int) -> tuple[int, int, int]:
@@ -169,9 +173,9 @@ def run(params: Params, *, fingerprint: str | Path, out: str | Path) -> dict[str
     summary = {**plan.values, "automatic": ", ".join(plan.automatic) or "none",
                "estimated_training": f"{minutes:.1f} min on this device ({time_estimate['image_steps']:,} image-steps, "
                                      f"{time_estimate['optimizer_steps_per_fold']} optimizer steps per fold)"}
-    uncapped = BUDGET_PER_IMAGE * facts["images"]
-    if "train.budget" in plan.automatic and plan.values["train.budget"] < uncapped:
+    if "budget_capped_from" in time_estimate:
         summary["budget_capped"] = (f"at train.max_minutes ({params.train.max_minutes:g}) of this device, "
-                                    f"{plan.values['train.budget']:,} of the {uncapped:,} image-steps that 24 x the "
-                                    f"training images would be; set train.budget or train.max_minutes to train longer")
+                                    f"{plan.values['train.budget']:,} of the {time_estimate['budget_capped_from']:,} "
+                                    f"image-steps that 24 x the training images would be; set train.budget or "
+                                    f"train.max_minutes to train longer")
     return summary
