@@ -119,8 +119,8 @@ def spend(t: TrainParams, images: int, rates: Throughput) -> dict[str, int]:
     """`train.budget` (image-steps), `train.train_folds` and `train.epochs`: the budget spent on as many
     folds as get `min_fold_steps` optimizer steps each, at least one; explicit values are kept.
 
-    The auto budget stops at `max_minutes` of this device: 24 x 3,200 images is about two hours
-    on a 2-core CPU, too long for a default run to take unasked."""
+    The auto budget stops at `max_minutes` of this device: 24 x the 5,635 Kaggle images is about
+    85 minutes on a 2-core CPU, longer than a default run should take unasked."""
     per_epoch = _fold_images(t, images)[2]
     if t.budget != "auto":
         budget = t.budget
