@@ -72,7 +72,7 @@ def test_the_auto_budget_stops_at_max_minutes_of_this_device() -> None:
     spent = plan.spend(_train(), 3_200, SLOW)
     assert spent["train.budget"] == plan.minutes_budget(_train(), 3_200, SLOW, 60.0) < 24 * 3_200
     capped = _train(train_folds=spent["train.train_folds"], epochs=spent["train.epochs"])
-    # about an hour, up to the rounding to whole epochs (2.5 of 2,400 images become 2 here)
+    # about an hour, up to the rounding to whole epochs (2.5 epochs of 2,400 images become 2 here)
     assert plan.estimate(capped, 3_200, SLOW)["train_seconds"] == pytest.approx(3_600, rel=0.25)
     assert plan.spend(_train(max_minutes=30.0), 3_200, SLOW)["train.budget"] == pytest.approx(
         spent["train.budget"] / 2, rel=0.01)

@@ -14,10 +14,10 @@ were automatic and the facts they came from. Every later stage applies it to its
 - `train.batch_size` and `train.workers` from the device (GPU memory, CPU cores);
 - the training budget (`train.budget`, image-steps: images per optimizer step x steps, over all
   trained folds; auto: 24 x the training images, at most `train.max_minutes` (an hour) of this
-  device's measured throughput, or `train.budget_minutes` of it) spent on `train.train_folds` and `train.epochs`: as many folds as get
-  `train.min_fold_steps` optimizer steps each (one long model beats several short ones on a
-  small budget; a large budget trains every fold, for the full out-of-fold set and the
-  ensemble), the epochs spreading the budget over them.
+  device's measured throughput, or `train.budget_minutes` of it) spent on `train.train_folds`
+  and `train.epochs`: as many folds as get `train.min_fold_steps` optimizer steps each (one long
+  model beats several short ones on a small budget; a large budget trains every fold, for the
+  full out-of-fold set and the ensemble), the epochs spreading the budget over them.
 
 Before training starts the plan times a few real training steps of the planned network on this
 device (`pipeline/model/probe.py`) and writes the run's estimated training time to `plan.json`
@@ -176,6 +176,6 @@ def run(params: Params, *, fingerprint: str | Path, out: str | Path) -> dict[str
     if "budget_capped_from" in time_estimate:
         summary["budget_capped"] = (f"at train.max_minutes ({params.train.max_minutes:g}) of this device, "
                                     f"{plan.values['train.budget']:,} of the {time_estimate['budget_capped_from']:,} "
-                                    f"image-steps that 24 x the training images would be; set train.budget or "
+                                    f"image-steps that {BUDGET_PER_IMAGE} x the training images would be; set train.budget or "
                                     f"train.max_minutes to train longer")
     return summary
