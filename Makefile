@@ -8,7 +8,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
-# tcmalloc avoids page-fault stalls in CPU training; used when the system has it.
+# tcmalloc avoids page-fault stalls in CPU training; used when the system has it (without it the
+# runtime fixes glibc's allocator thresholds instead: pipeline/model/runtime.py).
 ifneq ($(wildcard $(TCMALLOC)),)
 export LD_PRELOAD := $(TCMALLOC)
 endif

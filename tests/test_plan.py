@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.model import probe
+from pipeline.model.losses import compute_loss
 from pipeline.model.probe import Throughput
 from pipeline.params import Params, TrainParams
 from pipeline.stages import plan
@@ -144,3 +146,19 @@ def test_the_probe_measures_real_steps_of_a_tiny_network() -> None:
     assert rates.train_seconds_per_image > 0 and rates.eval_seconds_per_image > 0
     assert rates.train_seconds_per_image > rates.eval_seconds_per_image  # a backward pass costs more than none
     assert rates.device == "cpu" and rates.threads == 1
+
+
+def test_the_probe_takes_the_median_step_so_one_slow_step_does_not_set_the_rate(monkeypatch) -> None:
+    calls = []
+
+    def loss_with_one_stall(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:   # the second timed step (after one warm-up step) stalls for a second
+            time.sleep(1.0)
+        return compute_loss(*args, **kwargs)
+
+    monkeypatch.setattr(probe, "compute_loss", loss_with_one_stall)
+    t = TrainParams(encoder_depth=3, decoder_channels=(16, 8, 4), height=32, width=32, batch_size=2, threads=1)
+    rates = probe.measure(t, in_channels=1, steps=5, warmup=1)
+    assert len(calls) == 6
+    assert rates.train_seconds_per_image < 1.0 / (5 * 2)  # the mean of the five steps would be at least this

@@ -9,6 +9,7 @@ encoders and sizes differ by more than any table could say.
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 
 import torch
@@ -31,8 +32,9 @@ class Throughput:
     threads: int
 
 
-def measure(t: TrainParams, in_channels: int, steps: int = 4, warmup: int = 2) -> Throughput:
-    """Time `steps` training steps and forward passes after `warmup` untimed ones.
+def measure(t: TrainParams, in_channels: int, steps: int = 8, warmup: int = 3) -> Throughput:
+    """Time `steps` training steps and forward passes, one by one, after `warmup` untimed ones; each rate
+    is the median step, so one step slowed by another process does not set the estimate.
 
     `t` must have its working size and batch size resolved (no `auto`). The caller's thread count is
     restored afterwards."""
@@ -74,11 +76,13 @@ def _measure(t: TrainParams, in_channels: int, steps: int, warmup: int) -> Throu
         for _ in range(warmup):
             step()
         _sync(rt.device)
-        start = time.perf_counter()
+        seconds = []
         for _ in range(steps):
+            start = time.perf_counter()
             step()
-        _sync(rt.device)
-        return (time.perf_counter() - start) / (steps * t.batch_size)
+            _sync(rt.device)
+            seconds.append(time.perf_counter() - start)
+        return statistics.median(seconds) / t.batch_size
 
     train_rate = timed(train_step, True)
     eval_rate = timed(eval_step, False)

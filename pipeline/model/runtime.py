@@ -3,9 +3,14 @@
 The same training code runs single-process or under `torchrun` (DistributedDataParallel, gloo on
 the CPU, NCCL on CUDA); everything that differs between the two is here, so the fold loop reads the
 same either way. With one process every collective is a no-op.
+
+On Linux the CPU path also tells glibc's allocator to keep freed memory (`steady_malloc`): a
+training step frees and re-allocates the same large activation buffers, and by default glibc hands
+them back to the kernel and maps them afresh, so a step pays page faults for its own memory.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import sys
@@ -88,8 +93,31 @@ class Runtime:
                    else f", {torch.get_num_threads()} threads" if self.device.type == "cpu" else ""))
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 32 * 2**20   # the largest glibc accepts: blocks below it come from the heap and stay there
+TRIM_THRESHOLD = 2**30        # free memory kept at the top of the heap before glibc returns it
+
+
+def steady_malloc() -> bool:
+    """Keep freed tensor memory in the process instead of returning it to the kernel; True where it applies.
+
+    glibc's default mmap/trim thresholds adapt as a run goes, so the first dozen or so CPU training steps,
+    and bursts later on, pay page faults for memory the previous step just freed: measured on 2 cores at
+    96x128, batch 8, 45-85 ms per image against 26 steady, which also misled the plan's throughput probe
+    (`benchmarks/bench_malloc.py`). Fixed thresholds remove that. tcmalloc, when preloaded, does the same
+    on its own; this is a no-op for it and off Linux/glibc."""
+    if sys.platform != "linux":
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 def setup_runtime(t: TrainParams) -> Runtime:
-    """CUDA (bf16 autocast, channels_last) when present, else CPU with `train.threads` threads; joins torchrun's group."""
+    """CUDA (bf16 autocast, channels_last) when present, else CPU with `train.threads` threads and a steady
+    allocator; joins torchrun's group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
@@ -99,6 +127,7 @@ def setup_runtime(t: TrainParams) -> Runtime:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
+        steady_malloc()
         per_proc = max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
         torch.set_num_threads(t.threads or per_proc)
     rank = 0
