@@ -205,6 +205,9 @@ class TrainParams:
         "bce_dice", description="Mask loss: bce_dice (bce_weight x BCE + dice_weight x soft Dice), lovasz (per-image "
                                 "Lovasz hinge), focal_dice (bce_weight x focal + dice_weight x soft Dice).")
     focal_gamma: Float = Field(2.0, ge=0.0, description="Focal loss exponent (loss: focal_dice; 0 is plain BCE).")
+    dice_scope: Literal["image", "batch"] = Field(
+        "image", description="Soft Dice per image with a nerve, averaged, or over the whole batch as one region "
+                             "(nnU-Net's 2d batch Dice).")
     deep_supervision: Bool = Field(False, description="Also score the mask at the decoder's inner resolutions "
                                                        "(nnU-Net's deep supervision; training only).")
     ema: Float = Field(0.0, ge=0.0, lt=1.0, description="Decay of an exponential moving average of the weights, "

@@ -133,3 +133,30 @@ def test_deep_supervision_scores_each_side_against_the_truth_resized_by_nearest_
     perfect = [_confident(half, True), _confident(quarter, True)]
     assert losses.compute_loss(logits, presence, target, t, perfect).item() == pytest.approx(
         (w[0] * losses.mask_loss(logits, target, t) + presence_part).item(), rel=1e-5, abs=1e-6)
+
+
+def test_batch_dice_is_smp_dice_over_the_whole_batch() -> None:
+    """`dice_scope: batch` is smp's binary DiceLoss as it stands (the batch as one region, zero loss
+    without a nerve), on the same 0/1 predictions and smooth 0.5 = our eps 1 as above."""
+    from segmentation_models_pytorch.losses import DiceLoss
+
+    torch.manual_seed(5)
+    probs = (torch.rand(4, 1, 12, 10) > 0.5).float()
+    target = (torch.rand(4, 1, 12, 10) > 0.6).float()
+    target[1] = 0  # an empty image: its false positives now count
+    smp_dice = DiceLoss("binary", from_logits=False, smooth=0.5, eps=0.0)
+    batch = losses.soft_dice_loss(probs, target, scope="batch")
+    assert batch.item() == pytest.approx(smp_dice(probs, target).item(), rel=1e-5)
+    assert batch.item() != pytest.approx(losses.soft_dice_loss(probs, target).item(), rel=1e-3)
+    assert losses.soft_dice_loss(probs[1:2], target[1:2], scope="batch").item() == 0.0
+
+
+def test_dice_scope_reaches_the_training_loss() -> None:
+    torch.manual_seed(6)
+    logits, presence = torch.randn(3, 1, 8, 8), torch.randn(3)
+    target = (torch.rand(3, 1, 8, 8) > 0.7).float()
+    per_image = losses.compute_loss(logits, presence, target, TINY)
+    batch = losses.compute_loss(logits, presence, target, dataclasses.replace(TINY, dice_scope="batch"))
+    expected = (TINY.dice_weight * (losses.soft_dice_loss(torch.sigmoid(logits), target, scope="batch")
+                                    - losses.soft_dice_loss(torch.sigmoid(logits), target)))
+    assert (batch - per_image).item() == pytest.approx(expected.item(), abs=1e-6)

@@ -2,7 +2,7 @@
 
 Each has a reference: Lovasz and focal equal smp's `LovaszLoss` / `FocalLoss` (tests/test_losses.py
 checks it); the soft Dice is the positives-only variant (empty truths are left to BCE and the
-presence head).
+presence head), per image or, with `train.dice_scope: batch`, smp's binary `DiceLoss` over the batch.
 """
 from __future__ import annotations
 
@@ -14,12 +14,17 @@ import torch.nn.functional as F
 from pipeline.params import TrainParams
 
 
-def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """1 - mean soft Dice over the images with a non-empty truth.
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1.0, scope: str = "image") -> torch.Tensor:
+    """1 - mean soft Dice over the images with a non-empty truth (`scope` "image"), or 1 - the soft
+    Dice of the whole batch taken as one region ("batch": nnU-Net's 2d choice, where an empty
+    image's false positives count against the batch's nerves).
 
     Empty images are left to the BCE terms and the presence head: a per-image soft Dice of
-    an empty truth only rewards predicting nothing, which fights the positives.
+    an empty truth only rewards predicting nothing, which fights the positives. A batch without
+    a nerve gives no Dice loss in either scope.
     """
+    if scope == "batch":
+        probs, target = probs.reshape(1, -1), target.reshape(1, -1)
     dims = tuple(range(1, probs.ndim))
     truth_area = target.sum(dims)
     positive = truth_area > 0
@@ -60,7 +65,8 @@ def mask_loss(mask_logits: torch.Tensor, target: torch.Tensor, t: TrainParams) -
         return lovasz_hinge_loss(mask_logits, target)
     pixel = (F.binary_cross_entropy_with_logits(mask_logits, target) if t.loss == "bce_dice"
              else focal_loss(mask_logits, target, t.focal_gamma))
-    return t.bce_weight * pixel + t.dice_weight * soft_dice_loss(torch.sigmoid(mask_logits), target)
+    return t.bce_weight * pixel + t.dice_weight * soft_dice_loss(torch.sigmoid(mask_logits), target,
+                                                                 scope=t.dice_scope)
 
 
 def scale_weights(sides: int) -> list[float]:
