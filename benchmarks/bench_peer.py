@@ -54,7 +54,7 @@ from pipeline.data import rle
 from pipeline.data.artifacts import read_plan, read_training_manifest  # noqa: E402
 from pipeline.data.io import read_image, read_mask, write_json  # noqa: E402
 from pipeline.model.metrics import dice_per_image  # noqa: E402
-from pipeline.params import Params, with_setting  # noqa: E402
+from pipeline.params import Params, with_settings  # noqa: E402
 
 CREDIT = "USGRA-seg dataset, tmkand/usgra-seg, CC-BY 4.0"
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "usgra-seg"
@@ -241,13 +241,11 @@ def describe(variant: Variant) -> str:
 # ----------------------------------------------------------------------------- this pipeline
 
 def with_overrides(p: Params, overrides: list[str]) -> Params:
-    """`section.key=value` settings (`params.with_setting`: parsed and validated as params.yaml is) applied to `p`."""
-    for item in overrides:
-        try:
-            p = with_setting(p, item)
-        except ValueError as exc:
-            sys.exit(f"error: --set {item!r}: {exc}")
-    return p
+    """`section.key=value` settings (`params.with_settings`: parsed as params.yaml is, validated together) applied to `p`."""
+    try:
+        return with_settings(p, overrides)
+    except ValueError as exc:
+        sys.exit(f"error: --set: {exc}")
 
 
 def our_params(variant: Variant, seed: int, overrides: list[str] = ()) -> Params:

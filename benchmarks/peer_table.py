@@ -23,7 +23,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.params import Params, with_setting  # noqa: E402
+from pipeline.params import Params, with_settings  # noqa: E402
 
 SPEED_KNOBS = {"train.threads", "train.workers"}  # change how fast, not what is trained
 CREDIT = "USGRA-seg dataset, tmkand/usgra-seg, CC-BY 4.0"
@@ -36,7 +36,7 @@ def recipe_changes(overrides: list[str]) -> list[str]:
 
     def changes(item: str) -> bool:
         try:
-            return with_setting(defaults, item) != defaults
+            return with_settings(defaults, [item]) != defaults
         except ValueError:
             return True
 

@@ -20,6 +20,7 @@ import functools
 import re
 import stat
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -441,20 +442,22 @@ def parse_params(raw: Any) -> Params:
     return _build(Params, raw, "")
 
 
-def with_setting(params: Params, setting: str) -> Params:
-    """`params` with one `section.key=value` setting, the value parsed as params.yaml is (`3e-5` a
-    number) and validated again; raises ValueError (ParamsError or pydantic's) for an unknown key, bad
-    YAML or a bad value. For command lines that change one knob (the benchmarks' `--set`)."""
-    key, sep, value = setting.partition("=")
-    section, dot, name = key.partition(".")
-    current = getattr(params, section, None) if sep and dot else None
-    if not (dataclasses.is_dataclass(current) and name in {f.name for f in dataclasses.fields(current)}):
-        raise ParamsError("expected section.key=value with a params.yaml key")
-    try:
-        parsed = parse_yaml(value)
-    except yaml.YAMLError as exc:
-        raise ParamsError(_yaml_problem(exc)) from None
-    return dataclasses.replace(params, **{section: dataclasses.replace(current, **{name: parsed})})
+def with_settings(params: Params, settings: Sequence[str]) -> Params:
+    """`params` with `section.key=value` settings, each value parsed as params.yaml is (`3e-5` a
+    number), validated together once all are in (so `train.encoder_depth=4` can come with the
+    `train.decoder_channels` it needs); raises ValueError (ParamsError or pydantic's) for an unknown
+    key, bad YAML or a bad value. For command lines that change knobs (the benchmarks' `--set`)."""
+    raw = to_dict(params)
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        section, dot, name = key.partition(".")
+        if not (sep and dot and isinstance(raw.get(section), dict) and name in raw[section]):
+            raise ParamsError(f"{setting!r}: expected section.key=value with a params.yaml key")
+        try:
+            raw[section][name] = parse_yaml(value)
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{setting!r}: {_yaml_problem(exc)}") from None
+    return parse_params(raw)
 
 
 # ---------------------------------------------------------------- YAML

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from pipeline.params import (SEED_MAX, Params, ParamsError, TrainParams, UniqueKeyLoader, load_params, parse_params,
-                             to_dict, with_setting)
+                             to_dict, with_settings)
 
 REPO_PARAMS = Path(__file__).parents[1] / "params.yaml"
 
@@ -292,14 +292,24 @@ def test_a_fifo_is_not_read_as_params(tmp_path):
         load_params(fifo)
 
 
-def test_with_setting_changes_one_key_parsed_and_validated_as_params_yaml():
-    changed = with_setting(Params(), "train.weight_decay=3e-5")
+def test_with_settings_changes_keys_parsed_and_validated_as_params_yaml():
+    changed = with_settings(Params(), ["train.weight_decay=3e-5"])
     assert changed.train.weight_decay == 3e-5 and changed.train.lr == Params().train.lr
-    assert with_setting(Params(), "tune.keep_largest=[false]").tune.keep_largest == (False,)
+    assert with_settings(Params(), ["tune.keep_largest=[false]"]).tune.keep_largest == (False,)
+    assert with_settings(Params(), []) == Params()
     for setting in ("train.nope=1", "train=1", "seed.x=1", "train.lr"):
         with pytest.raises(ParamsError, match="section.key=value"):
-            with_setting(Params(), setting)
+            with_settings(Params(), [setting])
     with pytest.raises(ParamsError):  # bad YAML is a ParamsError, not PyYAML's own exception
-        with_setting(Params(), "train.lr=[1")
+        with_settings(Params(), ["train.lr=[1"])
     with pytest.raises(ValueError, match="loss"):
-        with_setting(Params(), "train.loss=hinge")
+        with_settings(Params(), ["train.loss=hinge"])
+
+
+def test_with_settings_validates_once_all_are_in():
+    """A depth and the decoder widths it needs are valid together, not one at a time."""
+    both = ["train.encoder_depth=4", "train.decoder_channels=[128,64,32,16]"]
+    changed = with_settings(Params(), both)
+    assert changed.train.encoder_depth == 4 and changed.train.decoder_channels == (128, 64, 32, 16)
+    with pytest.raises(ValueError, match="decoder_channels"):
+        with_settings(Params(), both[:1])
