@@ -3,7 +3,8 @@ plan's throughput probe reads in a fresh process under each.
 
 Each run is a new process (the allocator's state is per process), alternating the two arms. In it,
 `pipeline.model.probe.measure` first times the planned network exactly as the plan stage does
-(cold), then a fresh model trains `--steps` steps through the train stage's own loop on one batch:
+(cold), then a fresh model trains `--steps` steps through the train stage's own loop on one batch
+(`bench_train.step_rate`):
 the mean time per image a fold pays, its first steps included. The "glibc default" arm replaces
 `steady_malloc` with a no-op before the runtime is set up. Printed: both rates per run, their means
 and spread per arm, the training speed-up, and the probe's error against the training rate.
@@ -19,7 +20,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -28,27 +28,17 @@ ARMS = ("glibc default", "steady_malloc")
 
 def child(arm: str, params: str, size: list[int], batch: int, steps: int) -> None:
     """One run in this process: the cold probe, then `steps` training steps of a fresh model; prints one JSON line."""
-    import torch
+    from bench_train import step_rate   # this script's folder is on sys.path
 
     from pipeline.model import probe, runtime
-    from pipeline.model.network import build_model, trainable
-    from pipeline.model.optimizers import build_optimizer
     from pipeline.params import load_params
-    from pipeline.stages.train import train_epoch
 
     if arm == ARMS[0]:
         runtime.steady_malloc = lambda: False
     t = dataclasses.replace(load_params(params).train, height=size[0], width=size[1], batch_size=batch,
                             encoder_weights="none")
     cold = probe.measure(t, in_channels=1)
-    rt = runtime.setup_runtime(t)
-    torch.manual_seed(0)
-    model = trainable(build_model(t, 1), t)
-    optimizer, scheduler = build_optimizer(model, t, steps)
-    x, y = torch.randn(batch, 1, *size), (torch.rand(batch, 1, *size) > 0.9).float()
-    began = time.perf_counter()
-    train_epoch(model, [(x, y)] * steps, optimizer, scheduler, t, rt, "timed")
-    trained = (time.perf_counter() - began) / (steps * batch)
+    trained = 1 / step_rate(t, runtime.setup_runtime(t), tuple(size), batch, steps, warmup=0)
     print(json.dumps({"probe": cold.train_seconds_per_image, "steady": trained, "threads": cold.threads}))
 
 
