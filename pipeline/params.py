@@ -146,6 +146,12 @@ class AugmentParams:
     elastic_p: Float = Field(0.0, ge=0.0, le=1.0, description="Elastic deformation probability.")
     elastic_alpha: Float = Field(20.0, ge=0.0, description="Elastic displacement strength, working-size pixels.")
     elastic_sigma: Float = Field(5.0, gt=0.0, description="Elastic smoothness, working-size pixels.")
+    noise_p: Float = Field(0.0, ge=0.0, le=1.0, description="Gaussian noise probability.")
+    noise_std: Float = Field(0.05, ge=0.0, le=1.0, description="Max noise standard deviation, fraction of the range.")
+    blur_p: Float = Field(0.0, ge=0.0, le=1.0, description="Gaussian blur probability.")
+    blur_sigma: Float = Field(1.0, ge=0.5, description="Max blur sigma, working-size pixels (min 0.5).")
+    lowres_p: Float = Field(0.0, ge=0.0, le=1.0, description="Low-resolution simulation probability.")
+    lowres_scale: Float = Field(0.5, gt=0.0, le=1.0, description="Smallest down-scaling factor of the simulation.")
     preview_samples: Int = Field(8, ge=1, description="Rows of the augmentation preview.")
 
     @model_validator(mode="after")
@@ -166,6 +172,9 @@ class TrainParams:
         "none", description="Pretrained encoder weights: none, imagenet (downloads), or a local file holding "
                             "the smp encoder's state_dict (offline, e.g. a Kaggle dataset).")
     presence_head: Bool = Field(True, description="Classification head: is there a nerve at all?")
+    norm: Literal["batch", "instance"] = Field(
+        "batch", description="Normalisation layers: batch (smp's BatchNorm) or instance (per image and channel, "
+                             "nnU-Net's choice: no statistics shared across a small batch).")
     height: Auto | Annotated[Int, Field(ge=32)] = Field(
         "auto", description="Working height; auto: the median aspect ratio within pixel_budget, a multiple of 32.")
     width: Auto | Annotated[Int, Field(ge=32)] = Field("auto", description="Working width; auto: as height.")

@@ -81,3 +81,24 @@ def test_stage_writes_pipeline_and_preview(tiny_interim, tiny_plan, tmp_path) ->
     assert isinstance(artifacts.load_augmentation(tmp_path / "a.json"), A.Compose)
     assert (tmp_path / "p" / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary["preview_samples"] == 4
+
+
+def test_image_quality_transforms_change_the_image_never_the_mask(tmp_path) -> None:
+    """nnU-Net's noise, blur and low-resolution simulation (`augment.noise_p`, `blur_p`, `lowres_p`): each
+    alone, at p=1, alters the image, leaves the mask as it was, and survives the saved pipeline's round trip."""
+    image = np.random.default_rng(0).random((64, 80), dtype=np.float32)
+    mask = _blob()
+    off = dict(hflip_p=0.0, affine_p=0.0, brightness_contrast_p=0.0, gamma_p=0.0)
+    for key in ("noise_p", "blur_p", "lowres_p"):
+        params = dataclasses.replace(AugmentParams(), **off, **{key: 1.0})
+        transform = transforms.build(params, seed=0)
+        artifacts.save_augmentation(transform, tmp_path / f"{key}.json")
+        loaded = artifacts.load_augmentation(tmp_path / f"{key}.json")
+        for s in range(5):
+            img, m = transforms.apply(transform, image, mask, seed=s)
+            again, _ = transforms.apply(loaded, image, mask, seed=s)
+            assert np.array_equal(m, mask) and np.array_equal(img, again), key
+            assert img.dtype == np.float32 and np.abs(img - image).mean() > 1e-4, key
+    untouched, _ = transforms.apply(transforms.build(dataclasses.replace(AugmentParams(), **off), seed=0),
+                                    image, mask, seed=1)
+    assert np.array_equal(untouched, image)  # at p=0 (the default) they do nothing

@@ -179,3 +179,25 @@ def test_fold_files_never_trust_another_runs_progress(tmp_path) -> None:
 
     a.best.unlink()  # a finished fold without its weights is trained again
     assert a.resume(2, log.append) is None and "best.pt: missing" in log[-1]
+
+
+def test_an_instance_norm_checkpoint_round_trips_and_is_refused_for_batch_norm(tmp_path) -> None:
+    t = dataclasses.replace(TINY, norm="instance")
+    torch.manual_seed(2)
+    model = build_model(t).eval()
+    save_checkpoint(tmp_path / "m.pt", model, t, NORM)
+    loaded, _ = load_checkpoint(tmp_path / "m.pt", expect=t)
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(split_outputs(model(x))[0], split_outputs(loaded.eval()(x))[0])
+    with pytest.raises(CheckpointError, match="train.norm was 'instance', params say 'batch'"):
+        load_checkpoint(tmp_path / "m.pt", expect=TINY)
+
+
+def test_a_checkpoint_from_before_train_norm_loads_as_batch_norm(tmp_path) -> None:
+    save_checkpoint(tmp_path / "m.pt", build_model(TINY), TINY, NORM)
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    del state["config"]["norm"]
+    torch.save(state, tmp_path / "old.pt")
+    loaded, _ = load_checkpoint(tmp_path / "old.pt", expect=TINY)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.modules())

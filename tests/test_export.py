@@ -108,3 +108,30 @@ def test_refuses_an_unfinished_fold(tmp_path, tiny_folds):
     (tmp_path / "thresholds.json").write_text(json.dumps(TINY_THRESHOLDS))
     with pytest.raises(CheckpointError, match="fold_1: not finished"):
         export.run(Params(), models=models, thresholds=tmp_path / "thresholds.json", out=tmp_path / "out")
+
+
+def test_an_instance_norm_model_exports_and_onnx_runtime_agrees(tmp_path):
+    """`train.norm: instance` (per-image GroupNorm) goes through the exporter; export itself refuses a graph
+    that differs from PyTorch beyond its tolerance, and records the differences it measured."""
+    import dataclasses
+
+    from helpers import NORM, mark_trained
+    from pipeline.model.checkpoints import save_checkpoint
+    from pipeline.model.network import build_model
+
+    t = dataclasses.replace(TINY_MODEL, norm="instance")
+    torch.manual_seed(0)
+    model = build_model(t)
+    with torch.no_grad():  # affine weights away from their initial ones, so normalisation shows in the output
+        for m in model.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    save_checkpoint(tmp_path / "train" / "fold_0" / "best.pt", model.eval(), t, NORM)
+    mark_trained(tmp_path / "train")
+    (tmp_path / "thresholds.json").write_text(json.dumps(TINY_THRESHOLDS))
+    export.run(Params(), models=tmp_path / "train", thresholds=tmp_path / "thresholds.json", out=tmp_path / "out")
+    check = json.loads((tmp_path / "out" / "bundle.json").read_text())["export_check"]
+    assert check["max_abs_diff_mask"] <= GRAPH_TOLERANCE and check["probe_images"] >= 1
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert not any(node.op_type == "BatchNormalization" for node in graph.graph.node)

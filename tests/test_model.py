@@ -116,3 +116,23 @@ def test_bad_encoder_weight_files_are_one_clear_error(tmp_path) -> None:
     torch.save({k: v for k, v in own.items() if k != "conv1.weight"}, tmp_path / "partial.pth")
     with pytest.raises(ParamsError, match=r"partial.pth: does not fit .*\(1 missing keys \(e.g. conv1.weight\)\)"):
         build(tmp_path / "partial.pth")
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_instance_norm_normalises_each_image_alone(norm: str) -> None:
+    """`train.norm: instance` (nnU-Net's) leaves no BatchNorm, and in training an image's output no longer
+    depends on the other images of its batch; with BatchNorm it does (so the check can fail)."""
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(TINY, norm=norm)).train()
+    x = torch.randn(4, 1, 64, 64)
+    with torch.no_grad():
+        together = split_outputs(model(x))[0][:1]
+        alone = split_outputs(model(x[:1].repeat(2, 1, 1, 1)))[0][:1]
+    batch_norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    per_image = sum(isinstance(m, torch.nn.GroupNorm) and m.num_groups == m.num_channels for m in model.modules())
+    if norm == "instance":
+        assert batch_norms == 0 and per_image > 10
+        assert torch.allclose(together, alone, atol=1e-5)
+    else:
+        assert batch_norms > 10 and per_image == 0
+        assert not torch.allclose(together, alone, atol=1e-3)

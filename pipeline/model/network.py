@@ -60,7 +60,25 @@ def build_model(t: TrainParams, in_channels: int = 1) -> torch.nn.Module:
                           "cached), or set a local file holding the encoder's state_dict, or none") from None
     if local:
         load_encoder_weights(model, t.encoder_weights)
+    if t.norm == "instance":
+        instance_norm(model)
     return model
+
+
+def instance_norm(model: torch.nn.Module) -> None:
+    """Replace every BatchNorm2d in place by per-image, per-channel normalisation keeping its affine
+    weights (nnU-Net's InstanceNorm): a batch of 8 then shares no statistics, and training and
+    prediction normalise alike. Written as GroupNorm with one group per channel, which equals
+    InstanceNorm2d(affine=True) but also accepts the 1x1 maps a small working size reaches at depth 5."""
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.BatchNorm2d):
+            norm = torch.nn.GroupNorm(child.num_features, child.num_features, eps=child.eps)
+            with torch.no_grad():
+                norm.weight.copy_(child.weight)
+                norm.bias.copy_(child.bias)
+            setattr(model, name, norm)
+        else:
+            instance_norm(child)
 
 
 def check_encoder_weights(value: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 import albumentations as A
+import cv2
 import numpy as np
 
 from pipeline.data.artifacts import size_chunks
@@ -29,6 +30,11 @@ def build(a: AugmentParams, seed: int) -> A.Compose:
         A.RandomBrightnessContrast(brightness_limit=a.brightness, contrast_limit=a.contrast,
                                    p=a.brightness_contrast_p),
         A.RandomGamma(gamma_limit=(a.gamma_low, a.gamma_high), p=a.gamma_p),
+        # nnU-Net's image-quality transforms, last so that adding them left the draws above unchanged
+        A.GaussNoise(std_range=(0.0, a.noise_std), p=a.noise_p),
+        A.GaussianBlur(sigma_limit=(0.5, a.blur_sigma), p=a.blur_p),
+        A.Downscale(scale_range=(a.lowres_scale, 1.0),
+                    interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_LINEAR}, p=a.lowres_p),
     ], seed=seed)
 
 
