@@ -220,6 +220,9 @@ class TrainParams:
                              "(nnU-Net's 2d batch Dice).")
     deep_supervision: Bool = Field(False, description="Also score the mask at the decoder's inner resolutions "
                                                        "(nnU-Net's deep supervision; training only).")
+    checkpoint: Literal["best", "last"] = Field(
+        "best", description="The weights a fold keeps (best.pt): best, the epoch with the highest validation Dice "
+                            "(tuned gate), or last, the final epoch's.")
     ema: Float = Field(0.0, ge=0.0, lt=1.0, description="Decay of an exponential moving average of the weights, "
                                                         "validated and saved as best.pt (0: off).")
     workers: Auto | Annotated[Int, Field(ge=0)] = Field(

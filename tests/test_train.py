@@ -311,3 +311,19 @@ def test_deep_supervision_trains_saves_the_plain_model_and_resumes_to_the_same_w
     assert cut["epoch"] == whole["epoch"] and cut["model"].keys() == whole["model"].keys()
     for key, value in whole["model"].items():
         assert torch.equal(value, cut["model"][key]), key
+
+
+def test_checkpoint_keeps_the_best_or_the_last_epoch_of_one_training(inputs, tmp_path) -> None:
+    """`train.checkpoint` picks which epoch's weights the fold keeps as best.pt, and nothing else: the two
+    runs train alike (same history), best keeps the first epoch with the highest tuned validation Dice,
+    last the final epoch."""
+    kept = {}
+    for choice in ("best", "last"):
+        _run(dataclasses.replace(TINY, epochs=3, checkpoint=choice), inputs, tmp_path / choice)
+        fold = tmp_path / choice / "models" / "fold_0"
+        history = json.loads((fold / "done.json").read_text())["history"]
+        kept[choice] = (torch.load(fold / "best.pt", weights_only=True)["epoch"], history)
+    (best_epoch, history), (last_epoch, again) = kept["best"], kept["last"]
+    assert [r["train_loss"] for r in history] == pytest.approx([r["train_loss"] for r in again], rel=1e-5)
+    scores = [r["val_dice_tuned"] for r in history]
+    assert best_epoch == 1 + int(np.argmax(scores)) and last_epoch == 3

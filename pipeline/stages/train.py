@@ -313,7 +313,8 @@ def fit_fold(fold: Fold, transform: Any, t: TrainParams, seed: int, fold_dir: Pa
                f"{val['empty_dice']:.4f}), presence acc "
                f"{val['presence_acc']:.3f} AUC {val['presence_auc']:.3f}, {row['seconds']:.1f}s")
         if rt.main:
-            if val["dice_tuned"] > best:
+            keep = val["dice_tuned"] > best if t.checkpoint == "best" else epoch + 1 == t.epochs
+            if keep:
                 files.save_best(evaluated, t, fold.norm, epoch=epoch + 1, metrics=val)
             best = max(best, val["dice_tuned"])
             progress = {"epoch": epoch + 1, "history": history, "best_dice": best,
