@@ -180,6 +180,9 @@ class TrainParams:
     width: Auto | Annotated[Int, Field(ge=32)] = Field("auto", description="Working width; auto: as height.")
     pixel_budget: Auto | Annotated[Int, Field(ge=1024)] = Field(
         "auto", description="Pixels of the auto working size; auto: 12,288 on a CPU (96x128), 262,144 on a GPU.")
+    object_pixels: Int = Field(
+        0, ge=0, description="Auto working size: enlarged (up to 4 x pixel_budget) until the median object covers at "
+                             "least this many pixels (0: off).")
     resize: Literal["stretch", "pad"] = Field(
         "stretch", description="To the working size: stretch, or keep the aspect ratio and reflect-pad.")
     budget: Auto | Annotated[Int, Field(ge=1)] = Field(

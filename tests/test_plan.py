@@ -16,7 +16,8 @@ from pipeline.stages import plan
 
 RATES = Throughput(train_seconds_per_image=0.04, eval_seconds_per_image=0.01, setup_seconds=2.0, device="cpu",
                    threads=2)
-FACTS = {"median_height": 420.0, "median_width": 580.0, "grouped": True, "groups": 12, "images": 480, "sizes": []}
+FACTS = {"median_height": 420.0, "median_width": 580.0, "grouped": True, "groups": 12, "images": 480, "sizes": [],
+         "object_fraction": 0.0171}
 CPU = {"device": "cpu", "cpu_cores": 2}
 
 
@@ -162,3 +163,45 @@ def test_the_probe_takes_the_median_step_so_one_slow_step_does_not_set_the_rate(
     rates = probe.measure(t, in_channels=1, steps=5, warmup=1)
     assert len(calls) == 6
     assert rates.train_seconds_per_image < 1.0 / (5 * 2)  # the mean of the five steps would be at least this
+
+
+@pytest.mark.parametrize("size, fraction, object_pixels, expected", [
+    ((420, 580), 0.0171, 0, (96, 128)),      # off: the pixel budget alone, as before
+    ((420, 580), 0.3, 1024, (96, 128)),      # a large object already covers 3,686 working pixels
+    ((420, 580), 0.0171, 1024, (160, 224)),  # 210 pixels at 96x128: enlarged, stopped at 4 x the budget
+    ((96, 100), 0.026, 1024, (192, 192)),    # an image that fits the budget is enlarged past its own size
+    ((48, 48), 0.107, 1024, (96, 96)),
+    ((48, 48), 0.5, 1024, (64, 64)),         # fits, object large enough: its own size, rounded up to 32s
+    ((48, 48), None, 1024, (64, 64)),        # every mask empty: no object size to go by
+])
+def test_small_objects_get_a_larger_working_size(size, fraction, object_pixels, expected) -> None:
+    h, w = plan.working_size(*size, plan.CPU_BUDGET, fraction, object_pixels)
+    assert (h, w) == expected and h % 32 == 0 and w % 32 == 0
+    assert h * w <= plan.UPSCALE * plan.CPU_BUDGET * 1.25
+    if fraction and object_pixels and expected != (96, 128) and size[0] * size[1] > 4096:
+        assert fraction * h * w >= object_pixels / 2  # the median object gets about its pixels
+
+
+def test_resolve_plans_the_working_size_from_the_median_object() -> None:
+    p = Params(train=TrainParams(epochs=2, object_pixels=1024))
+    resolved, _ = plan.resolve(p, FACTS, CPU, lambda t: RATES)
+    assert (resolved.values["train.height"], resolved.values["train.width"]) == (160, 224)
+    no_objects = {**FACTS, "object_fraction": None}
+    resolved, _ = plan.resolve(p, no_objects, CPU, lambda t: RATES)
+    assert (resolved.values["train.height"], resolved.values["train.width"]) == (96, 128)
+
+
+def test_dataset_facts_carry_the_median_object_fraction(tmp_path: Path) -> None:
+    import numpy as np
+
+    from pipeline.data.artifacts import write_json
+    from pipeline.data.fingerprint import fingerprint
+
+    masks = [np.zeros((40, 50), bool) for _ in range(4)]
+    masks[1][:10, :10] = True   # 5% of the image
+    masks[2][:20, :10] = True   # 10%
+    masks[3][:20, :20] = True   # 20%
+    images = [np.full((40, 50), 100, np.uint8) for _ in masks]
+    write_json(tmp_path / "fp.json", fingerprint(images=images, masks=masks, modes=["L"] * 4, groups=list("abcd"),
+                                                 group_kind="subject"))
+    assert plan.dataset_facts(tmp_path / "fp.json")["object_fraction"] == pytest.approx(0.10)

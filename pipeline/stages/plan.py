@@ -38,18 +38,26 @@ from pipeline.model.probe import Throughput
 from pipeline.params import Params, TrainParams
 
 CPU_BUDGET, GPU_BUDGET = 12_288, 262_144
+UPSCALE = 4  # the most pixels object_pixels may add: 4 x the pixel budget (CPU: 49,152, e.g. 192x256)
 BLOCK = 20   # px per dedup block side at the median size
 CPU_BATCH = 8  # more optimizer steps per image-step than 16; measured better on real data (README "plan")
 BUDGET_PER_IMAGE = 24  # auto budget: image-steps per training image (what 4 folds x 8 epochs of 3/4 of them take)
 
 
-def working_size(height: float, width: float, budget: int) -> tuple[int, int]:
-    """Multiples of 32 with the aspect ratio of height x width closest, about `budget` pixels."""
-    if height * width <= budget:
+def working_size(height: float, width: float, budget: int, object_fraction: float | None = None,
+                 object_pixels: int = 0) -> tuple[int, int]:
+    """Multiples of 32 with the aspect ratio of height x width closest, about `budget` pixels; an image
+    that fits keeps its size. Where the median object (`object_fraction` of the image) would cover
+    fewer than `object_pixels`, more pixels, up to UPSCALE x `budget`: small objects need resolution
+    more than the network needs context (measured on real data, README "plan")."""
+    pixels = min(height * width, budget)
+    if object_fraction and object_pixels:
+        pixels = max(pixels, min(object_pixels / object_fraction, UPSCALE * budget))
+    if height * width <= budget and pixels <= height * width:
         return 32 * math.ceil(height / 32), 32 * math.ceil(width / 32)
     aspect = math.log(height / width)
     candidates = [(h, w) for h in range(32, 4097, 32) for w in range(32, 4097, 32)
-                  if budget / 2 <= h * w <= budget * 1.25]
+                  if pixels / 2 <= h * w <= pixels * 1.25]
     return min(candidates, key=lambda hw: (round(abs(math.log(hw[0] / hw[1]) - aspect), 3), -hw[0] * hw[1]))
 
 
@@ -72,7 +80,8 @@ def resolve(params: Params, facts: dict[str, Any], device: dict[str, Any],
     t, values = params.train, {}
     gpu = device["device"] == "cuda"
     budget = t.pixel_budget if t.pixel_budget != "auto" else GPU_BUDGET if gpu else CPU_BUDGET
-    height, width = working_size(facts["median_height"], facts["median_width"], budget)
+    height, width = working_size(facts["median_height"], facts["median_width"], budget, facts["object_fraction"],
+                                 t.object_pixels)
     pixels = (t.height if t.height != "auto" else height) * (t.width if t.width != "auto" else width)
     values["train.pixel_budget"] = budget
     values["train.height"], values["train.width"] = height, width
@@ -158,7 +167,8 @@ def dataset_facts(fingerprint: str | Path) -> dict[str, Any]:
     fp = read_fingerprint(fingerprint)   # checked there: no NaN or 0 size can plan `train.height: 0`
     return {"median_height": float(fp["median_height"]), "median_width": float(fp["median_width"]),
             "grouped": not fp["one_image_per_group"], "groups": int(fp["groups"]), "images": int(fp["images"]),
-            "sizes": fp["sizes"]}
+            "sizes": fp["sizes"],
+            "object_fraction": (fp.get("mask_area_fraction") or {}).get("q50")}  # median non-empty mask; None: all empty
 
 
 def run(params: Params, *, fingerprint: str | Path, out: str | Path) -> dict[str, Any]:
