@@ -38,7 +38,6 @@ from pipeline.model.probe import Throughput
 from pipeline.params import Params, TrainParams
 
 CPU_BUDGET, GPU_BUDGET = 12_288, 262_144
-UPSCALE = 4  # the most pixels object_pixels may add: 4 x the pixel budget (CPU: 49,152, e.g. 192x256)
 BLOCK = 20   # px per dedup block side at the median size
 CPU_BATCH = 8  # more optimizer steps per image-step than 16; measured better on real data (README "plan")
 BUDGET_PER_IMAGE = 24  # auto budget: image-steps per training image (what 4 folds x 8 epochs of 3/4 of them take)
@@ -47,18 +46,19 @@ BUDGET_PER_IMAGE = 24  # auto budget: image-steps per training image (what 4 fol
 def working_size(height: float, width: float, budget: int, object_fraction: float | None = None,
                  object_pixels: int = 0) -> tuple[int, int]:
     """Multiples of 32 with the aspect ratio of height x width closest, about `budget` pixels; an image
-    that fits keeps its size. Where the median object (`object_fraction` of the image) would cover
-    fewer than `object_pixels`, more pixels, up to UPSCALE x `budget`: small objects need resolution
-    more than the network needs context (measured on real data, README "plan")."""
-    pixels = min(height * width, budget)
-    if object_fraction and object_pixels:
-        pixels = max(pixels, min(object_pixels / object_fraction, UPSCALE * budget))
-    if height * width <= budget and pixels <= height * width:
-        return 32 * math.ceil(height / 32), 32 * math.ceil(width / 32)
-    aspect = math.log(height / width)
-    candidates = [(h, w) for h in range(32, 4097, 32) for w in range(32, 4097, 32)
-                  if pixels / 2 <= h * w <= pixels * 1.25]
-    return min(candidates, key=lambda hw: (round(abs(math.log(hw[0] / hw[1]) - aspect), 3), -hw[0] * hw[1]))
+    that fits keeps its size. Where the median object (`object_fraction` of the image) covers fewer
+    than `object_pixels` there, both sides are doubled (the shape kept, 4 x the pixels): small
+    objects need resolution more than the network needs context (measured on real data, README "plan")."""
+    if height * width <= budget:
+        h, w = 32 * math.ceil(height / 32), 32 * math.ceil(width / 32)
+    else:
+        aspect = math.log(height / width)
+        candidates = [(h, w) for h in range(32, 4097, 32) for w in range(32, 4097, 32)
+                      if budget / 2 <= h * w <= budget * 1.25]
+        h, w = min(candidates, key=lambda hw: (round(abs(math.log(hw[0] / hw[1]) - aspect), 3), -hw[0] * hw[1]))
+    if object_fraction and object_fraction * h * w < object_pixels:
+        h, w = 2 * h, 2 * w
+    return h, w
 
 
 def device_facts() -> dict[str, Any]:
