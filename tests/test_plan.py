@@ -120,7 +120,7 @@ def test_resolve_times_the_resolved_network_and_keeps_explicit_values() -> None:
 
     p = Params(train=TrainParams(epochs=2))
     resolved, estimate = plan.resolve(p, FACTS, CPU, fake_probe)
-    assert (seen[0].height, seen[0].width, seen[0].batch_size) == (96, 128, 8)  # what it times is what trains
+    assert (seen[0].height, seen[0].width, seen[0].batch_size) == (192, 256, 8)  # what it times is what trains
     assert resolved.values["train.epochs"] == 2 and "train.epochs" not in resolved.automatic
     assert "train.train_folds" in resolved.automatic and "train.budget" in resolved.automatic
     assert estimate["image_steps"] == resolved.values["train.train_folds"] * 2 * 360
