@@ -7,7 +7,9 @@ were automatic and the facts they came from. Every later stage applies it to its
 
 - working size (`train.height`/`width`): the dataset's median aspect ratio in a multiple of 32
   on each side, about `train.pixel_budget` pixels (12,288 on a CPU, 262,144 on a GPU); images
-  that already fit the budget keep their size, rounded up to a multiple of 32 (101 -> 128);
+  that already fit the budget keep their size, rounded up to a multiple of 32 (101 -> 128); both
+  sides doubled where the dataset's median object would cover fewer than `train.object_pixels`
+  there (small objects need resolution more than the network needs context);
 - dedup blocks (`dedup.grid`): about 20-px blocks at the median size (420x580: [21, 29], the
   same features as 20-px blocks); `dedup.scope`: within a subject when the data has groups;
 - minimum areas (`tune.min_areas`): `tune.min_area_fractions` of the median image area;
