@@ -181,8 +181,9 @@ class TrainParams:
     pixel_budget: Auto | Annotated[Int, Field(ge=1024)] = Field(
         "auto", description="Pixels of the auto working size; auto: 12,288 on a CPU (96x128), 262,144 on a GPU.")
     object_pixels: Int = Field(
-        400, ge=0, description="Auto working size: both sides doubled where the median object would cover fewer "
-                             "than this many pixels (0: off).")
+        1024, ge=0, description="Auto working size: both sides doubled where the median object would cover fewer "
+                              "than this many pixels (0: off); 1024 = 32x32, one cell of the deepest feature "
+                              "map at encoder_depth 5.")
     resize: Literal["stretch", "pad"] = Field(
         "stretch", description="To the working size: stretch, or keep the aspect ratio and reflect-pad.")
     budget: Auto | Annotated[Int, Field(ge=1)] = Field(

@@ -191,6 +191,19 @@ def test_resolve_plans_the_working_size_from_the_median_object() -> None:
     assert (resolved.values["train.height"], resolved.values["train.width"]) == (96, 128)
 
 
+def test_the_default_threshold_doubles_objects_under_one_bottleneck_cell() -> None:
+    """Default object_pixels: one 32x32 cell of the deepest feature map; USGRA-seg's empty-rich
+    windows (48x48, median nerve 10.7%: 438 pixels at 64x64) are doubled, a 9% object at 96x128 is not."""
+    t = Params().train
+    assert t.object_pixels == (2 ** t.encoder_depth) ** 2
+    windows = {**FACTS, "median_height": 48.0, "median_width": 48.0, "object_fraction": 0.107}
+    resolved, _ = plan.resolve(Params(), windows, CPU, lambda t: RATES)
+    assert (resolved.values["train.height"], resolved.values["train.width"]) == (128, 128)
+    large = {**FACTS, "object_fraction": 0.09}
+    resolved, _ = plan.resolve(Params(), large, CPU, lambda t: RATES)
+    assert (resolved.values["train.height"], resolved.values["train.width"]) == (96, 128)
+
+
 def test_dataset_facts_carry_the_median_object_fraction(tmp_path: Path) -> None:
     import numpy as np
 
