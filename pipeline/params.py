@@ -270,7 +270,9 @@ class TuneParams:
     pixel_thresholds: tuple[Annotated[Float, Field(ge=0.0, le=1.0)], ...] = Field(
         (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7), min_length=1, description="Pixel is foreground when prob > this.")
     presence_thresholds: tuple[Annotated[Float, Field(ge=0.0, le=1.0)], ...] = Field(
-        (0.0, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), min_length=1, description="Keep a mask when presence >= this.")
+        (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9), min_length=1,
+        description="Keep a mask when presence >= this; 0 (no gate) is chosen only when it beats the best gated "
+                    "candidate by more than min_gain_se standard errors.")
     min_areas: Auto | Annotated[tuple[Annotated[Int, Field(ge=0)], ...], Field(min_length=1)] = Field(
         "auto", description="Keep a mask when its area >= this (native pixels); auto: min_area_fractions of "
                             "the median image area.")

@@ -106,17 +106,20 @@ def test_run_writes_thresholds_table_plots_and_metrics(tiny_interim, tiny_plan, 
     assert set(chosen) == {"pixel", "presence", "min_area", "keep_largest", "min_component"}
     grid = pd.read_csv(tmp_path / "reports" / "grid.csv")
     assert list(grid.columns) == ["pixel", "presence", "min_area", "keep_largest", "min_component", "dice"]
-    assert len(grid) == 7 * 8 * 7 * 8 == metrics["candidates"]  # 8 component options: off, 3 + 4 on
+    assert len(grid) == 7 * 12 * 7 * 8 == metrics["candidates"]  # 8 component options: off, 3 + 4 on
     at = np.logical_and.reduce([np.isclose(grid[k].astype(float), float(v)) for k, v in chosen.items()])
     assert at.sum() == 1  # the chosen thresholds are one of the grid's candidates
+    side = grid[(grid.presence > 0) == (chosen["presence"] > 0)]  # gated or not, as chosen
     if metrics["tuned"]:  # a best (ties: nearest the defaults), else the untuned defaults
-        assert grid.dice[at].iloc[0] == pytest.approx(grid.dice.max(), abs=1e-6)
+        assert grid.dice[at].iloc[0] == pytest.approx(side.dice.max(), abs=1e-6)
     else:
         assert chosen == Thresholds().to_dict()
-    assert grid.dice.max() == pytest.approx(metrics["dice_best"], abs=1e-5)
+    assert grid.dice[at].iloc[0] == pytest.approx(metrics["dice_best"], abs=1e-5)
+    assert grid.dice.max() == pytest.approx(max(metrics["dice_presence_gate"], metrics["dice_no_presence_gate"]),
+                                            abs=1e-5)
     off = grid[~grid.keep_largest & (grid.min_component == 0)]
     assert off.dice.max() == pytest.approx(metrics["dice_no_components"], abs=1e-5)
-    assert metrics["dice_no_components"] <= metrics["dice_best"]
+    assert side[~side.keep_largest & (side.min_component == 0)].dice.max() <= metrics["dice_best"] + 1e-6
     for name in ("pixel", "presence", "min_area"):
         profile = pd.read_csv(tmp_path / "reports" / f"dice_vs_{name}.csv")
         assert list(profile.columns) == [name, "dice"] and profile.dice.max() == grid.dice.max()
@@ -124,8 +127,7 @@ def test_run_writes_thresholds_table_plots_and_metrics(tiny_interim, tiny_plan, 
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text()) == metrics
     assert metrics["images"] == len(train) == 30
     assert metrics["dice_all_empty"] == pytest.approx(1 - train.has_mask.mean(), abs=1e-5)
-    assert metrics["dice_best"] >= max(metrics["dice_default"], metrics["dice_no_presence_gate"],
-                                       metrics["dice_all_empty"]) and metrics["dice_best"] > 0.9
+    assert metrics["dice_best"] >= max(metrics["dice_default"], metrics["dice_all_empty"]) and metrics["dice_best"] > 0.9
 
 
 def test_run_writes_per_image_oof_scores_at_the_chosen_thresholds(tiny_interim, tiny_plan, tmp_path):
@@ -345,3 +347,53 @@ def test_a_clear_gain_is_tuned() -> None:
     assert chosen.presence == 0.5
     assert metrics["gain_over_default"] == pytest.approx(1 / 3, abs=1e-5)
     assert metrics["gain_over_default"] > metrics["gain_standard_error"] > 0
+
+
+# ---------------------------------------------------------------- the presence gate goes only on clear evidence
+
+GATE_OR_NOT = TuneParams(pixel_thresholds=(0.5,), presence_thresholds=(0.0, 0.05, 0.5), min_areas=(0,),
+                         keep_largest=(False,), min_component_fractions=(0.0,))
+
+
+def _unsure_head(unsure_nerves: int, false_blobs: int, doubtful_nerves: int = 0,
+                 n: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n images, half nerves (presence 0.9, found by the pixel head) and half empty (presence 0.01), except
+    `unsure_nerves` nerves whose presence is 0.01 (every gate drops them), the next `doubtful_nerves` at
+    presence 0.1 (a 0.05 gate keeps them, 0.5 drops them) and `false_blobs` empty frames where the pixel
+    head draws a blob (every gate removes it): the fresh synthetic run's OOF set in small."""
+    prob = np.zeros((n, 32, 32), np.float32)
+    truth = np.zeros((n, 32, 32), np.uint8)
+    presence = np.full(n, 0.01, np.float32)
+    nerves = n // 2
+    truth[:nerves, 8:18, 8:18] = 1
+    prob[:nerves, 8:18, 8:18] = 0.9
+    presence[unsure_nerves:nerves] = 0.9
+    presence[unsure_nerves:unsure_nerves + doubtful_nerves] = 0.1
+    prob[nerves:nerves + false_blobs, 20:28, 20:28] = 0.9
+    return prob, truth, presence
+
+
+def test_a_gate_off_gain_within_the_noise_keeps_the_gate() -> None:
+    prob, truth, presence = _unsure_head(unsure_nerves=2, false_blobs=1, doubtful_nerves=10)
+    _, chosen, metrics = tune.search(prob, truth, np.arange(40), presence, GATE_OR_NOT)
+    assert metrics["dice_no_presence_gate"] == pytest.approx(metrics["dice_presence_gate"] + 1 / 40, abs=1e-5)
+    assert chosen.presence == 0.05 and metrics["tuned"] is True  # far better than the default 0.5 ...
+    assert metrics["dice_best"] == pytest.approx(metrics["dice_presence_gate"])  # ... and kept over gate-off
+    _, chosen, _ = tune.search(prob, truth, np.arange(40), presence, dataclasses.replace(GATE_OR_NOT, min_gain_se=0.0))
+    assert chosen.presence == 0.0  # 0: any gain switches the gate off
+
+
+def test_a_clear_gate_off_gain_switches_the_gate_off() -> None:
+    prob, truth, presence = _unsure_head(unsure_nerves=10, false_blobs=0)
+    _, chosen, metrics = tune.search(prob, truth, np.arange(40), presence, GATE_OR_NOT)
+    assert chosen.presence == 0.0 and metrics["tuned"] is True
+    assert metrics["dice_best"] == metrics["dice_no_presence_gate"] == 1.0
+    assert metrics["dice_presence_gate"] == pytest.approx(0.75)
+
+
+def test_a_low_gate_that_ties_gate_off_is_kept() -> None:
+    """Presence 0.05 keeps every nerve here and the pixel head draws no blob: a tie, and the tie keeps a gate."""
+    prob, truth, presence = _unsure_head(unsure_nerves=0, false_blobs=0, doubtful_nerves=20)
+    _, chosen, metrics = tune.search(prob, truth, np.arange(40), presence,
+                                     dataclasses.replace(GATE_OR_NOT, min_gain_se=0.0))
+    assert chosen.presence == 0.05 and metrics["dice_best"] == 1.0
