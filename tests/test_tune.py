@@ -319,13 +319,13 @@ def _faint(gaining: int, losing: int, n: int = 30) -> tuple[np.ndarray, np.ndarr
     return prob, truth, np.full(n, 0.9, np.float32)
 
 
-def test_beats_default_needs_a_gain_larger_than_its_standard_error() -> None:
-    assert tune.beats_default(np.ones(30), np.r_[np.zeros(10), np.ones(20)], 1.0)[0]  # 10 of 30 better
+def test_clearly_beats_needs_a_gain_larger_than_its_standard_error() -> None:
+    assert tune.clearly_beats(np.ones(30), np.r_[np.zeros(10), np.ones(20)], 1.0)[0]  # 10 of 30 better
     noisy = np.r_[1.0, 1.0, 0.0, np.ones(27)], np.r_[0.0, 0.0, 1.0, np.ones(27)]
-    ok, gain, se = tune.beats_default(*noisy, 1.0)
+    ok, gain, se = tune.clearly_beats(*noisy, 1.0)
     assert not ok and gain == pytest.approx(1 / 30) and se > gain
-    assert tune.beats_default(*noisy, 0.0)[0]  # 0: any gain
-    assert not tune.beats_default(np.ones(1), np.zeros(1), 1.0)[0]  # one image proves nothing
+    assert tune.clearly_beats(*noisy, 0.0)[0]  # 0: any gain
+    assert not tune.clearly_beats(np.ones(1), np.zeros(1), 1.0)[0]  # one image proves nothing
 
 
 def test_a_gain_within_the_noise_keeps_the_untuned_defaults() -> None:

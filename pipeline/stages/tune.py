@@ -129,14 +129,14 @@ def image_dice(inter: np.ndarray, area: np.ndarray, truth_area: np.ndarray, pres
     return np.where(kept, dice_from_counts(inter, area, truth_area), truth_area == 0)
 
 
-def beats_default(best: np.ndarray, default: np.ndarray, standard_errors: float) -> tuple[bool, float, float]:
-    """(does the best candidate's per-image Dice beat the default's by more than `standard_errors`
+def clearly_beats(candidate: np.ndarray, baseline: np.ndarray, standard_errors: float) -> tuple[bool, float, float]:
+    """(does the candidate's per-image Dice beat the baseline's by more than `standard_errors`
     standard errors of the paired difference, mean gain, standard error).
 
     The one-standard-error rule of model selection: on a small OOF set the grid's maximum is partly
     noise (the search picks the candidate that fits these images best), and a gain the data cannot
-    tell from zero is not worth leaving the untuned defaults for."""
-    diff = np.asarray(best, np.float64) - np.asarray(default, np.float64)
+    tell from zero is not worth leaving the safer baseline for (the untuned defaults; the gate)."""
+    diff = np.asarray(candidate, np.float64) - np.asarray(baseline, np.float64)
     if len(diff) < 2:
         return False, float(diff.mean()) if len(diff) else 0.0, float("inf")
     gain, se = float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
@@ -176,7 +176,7 @@ def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_
     synthetic data a gate-off choice that tied a 0.05 gate on the OOF images scored 0.827 test Dice
     against 0.990 (13 of 49 empty test images got a mask). The best is kept only when
     it beats the untuned 0.5 / 0.5 / 0 by more than `tune.min_gain_se` standard errors of the
-    per-image difference (`beats_default`); otherwise the defaults are chosen (`tuned`: false). The metrics put the best
+    per-image difference (`clearly_beats`); otherwise the defaults are chosen (`tuned`: false). The metrics put the best
     next to the baselines it must beat: predicting all empty, tuning without the presence gate,
     without the component rules, and the untuned 0.5 / 0.5 / 0 defaults.
     """
@@ -224,12 +224,12 @@ def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_
     gated = presence > 0
     if presence[best[2]] == 0 and gated.any():  # the gate goes only on clear evidence: see `search`
         with_gate = best_of(np.where(gated[None, None, :, None], scores, -np.inf))
-        if not beats_default(images_at(best), images_at(with_gate), p.min_gain_se)[0]:
+        if not clearly_beats(images_at(best), images_at(with_gate), p.min_gain_se)[0]:
             best = with_gate
     d = int(np.searchsorted(pixel, np.float32(default.pixel)))
     default_images = image_dice(inter[d, 0], area[d, 0], truth_area, presence_prob, np.float32(default.presence),
                                 default.min_area)
-    tuned, gain, se = beats_default(images_at(best), default_images, p.min_gain_se)
+    tuned, gain, se = clearly_beats(images_at(best), default_images, p.min_gain_se)
     in_grid = (np.isclose(grid_pixel, default.pixel).any() and np.isclose(presence, default.presence).any()
                and (min_area == default.min_area).any())
     if not tuned and in_grid:  # the untuned defaults, as one of the grid's own candidates
@@ -254,8 +254,8 @@ def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_
         "candidates": int(scores.size),
         **{f"best_{k}": v for k, v in chosen.to_dict().items()},
     }
-    if (presence > 0).any():  # the best the gate can do, next to `dice_no_presence_gate`
-        metrics["dice_presence_gate"] = float(scores[:, :, presence > 0].max())
+    if gated.any():  # the best the gate can do, next to `dice_no_presence_gate`
+        metrics["dice_presence_gate"] = float(scores[:, :, gated].max())
     pp, oo, pr, ma = np.meshgrid(grid_pixel, np.arange(len(options)), presence, min_area, indexing="ij")
     oo = oo.ravel()
     grid = pd.DataFrame({"pixel": pp.ravel().astype(float).round(6), "presence": pr.ravel().astype(float).round(6),
