@@ -172,6 +172,9 @@ class TrainParams:
         "none", description="Pretrained encoder weights: none, imagenet (downloads), or a local file holding "
                             "the smp encoder's state_dict (offline, e.g. a Kaggle dataset).")
     presence_head: Bool = Field(True, description="Classification head: is there a nerve at all?")
+    presence_pooling: Literal["avg", "max"] = Field(
+        "avg", description="How the presence head pools the deepest feature map: avg (smp's default) or max "
+                           "(an object in one cell is enough, however small).")
     norm: Literal["batch", "instance"] = Field(
         "batch", description="Normalisation layers: batch (smp's BatchNorm) or instance (per image and channel, "
                              "nnU-Net's choice: no statistics shared across a small batch).")

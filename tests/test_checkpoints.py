@@ -201,3 +201,26 @@ def test_a_checkpoint_from_before_train_norm_loads_as_batch_norm(tmp_path) -> No
     torch.save(state, tmp_path / "old.pt")
     loaded, _ = load_checkpoint(tmp_path / "old.pt", expect=TINY)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.modules())
+
+
+def test_a_max_pooled_presence_head_round_trips_and_is_refused_for_avg(tmp_path) -> None:
+    """The pooling has no weights, so only the saved config keeps a max-pooled head from loading as avg."""
+    t = dataclasses.replace(TINY, presence_pooling="max")
+    torch.manual_seed(2)
+    model = build_model(t).eval()
+    save_checkpoint(tmp_path / "m.pt", model, t, NORM)
+    loaded, _ = load_checkpoint(tmp_path / "m.pt", expect=t)
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(split_outputs(model(x))[1], split_outputs(loaded.eval()(x))[1])
+    with pytest.raises(CheckpointError, match="train.presence_pooling was 'max', params say 'avg'"):
+        load_checkpoint(tmp_path / "m.pt", expect=TINY)
+
+
+def test_a_checkpoint_from_before_train_presence_pooling_loads_as_avg(tmp_path) -> None:
+    save_checkpoint(tmp_path / "m.pt", build_model(TINY), TINY, NORM)
+    state = torch.load(tmp_path / "m.pt", weights_only=True)
+    del state["config"]["presence_pooling"]
+    torch.save(state, tmp_path / "old.pt")
+    loaded, _ = load_checkpoint(tmp_path / "old.pt", expect=TINY)
+    assert isinstance(loaded.classification_head[0], torch.nn.AdaptiveAvgPool2d)

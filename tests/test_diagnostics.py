@@ -2,6 +2,8 @@
 hook-up, and that a checkpoint predicts the same in a fresh process (normalisation travels with it)."""
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import subprocess
 import sys
@@ -130,9 +132,10 @@ def test_bottleneck_features_are_positions_by_channels() -> None:
     assert pca_spectrum(feats)["rank"] == 1
 
 
-def test_presence_attribution_equals_channel_ablation_for_the_presence_head() -> None:
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_presence_attribution_equals_channel_ablation_for_the_presence_head(pooling: str) -> None:
     torch.manual_seed(2)
-    model = build_model(TINY).eval()
+    model = build_model(dataclasses.replace(TINY, presence_pooling=pooling)).eval()
     x = torch.randn(3, 1, 64, 64)
     contrib = presence_attribution(model, x, model.encoder, batch=2)
     channels = model.encoder.out_channels[-1]

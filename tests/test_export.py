@@ -135,3 +135,23 @@ def test_an_instance_norm_model_exports_and_onnx_runtime_agrees(tmp_path):
     assert check["max_abs_diff_mask"] <= GRAPH_TOLERANCE and check["probe_images"] >= 1
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert not any(node.op_type == "BatchNormalization" for node in graph.graph.node)
+
+
+def test_a_max_pooled_presence_head_exports_and_onnx_runtime_agrees(tmp_path):
+    """`train.presence_pooling: max` goes through the exporter, and the bundle's presence is the max-pooled one."""
+    import dataclasses
+
+    from helpers import NORM, mark_trained
+    from pipeline.model.checkpoints import save_checkpoint
+    from pipeline.model.network import build_model
+
+    t = dataclasses.replace(TINY_MODEL, presence_pooling="max")
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "train" / "fold_0" / "best.pt", build_model(t).eval(), t, NORM)
+    mark_trained(tmp_path / "train")
+    (tmp_path / "thresholds.json").write_text(json.dumps(TINY_THRESHOLDS))
+    export.run(Params(), models=tmp_path / "train", thresholds=tmp_path / "thresholds.json", out=tmp_path / "out")
+    check = json.loads((tmp_path / "out" / "bundle.json").read_text())["export_check"]
+    assert check["max_abs_diff_presence"] <= GRAPH_TOLERANCE
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert any(node.op_type in ("GlobalMaxPool", "ReduceMax") for node in graph.graph.node)

@@ -30,6 +30,23 @@ def test_presence_head_is_a_separate_output() -> None:
     assert isinstance(out, tuple) and len(out) == 2
 
 
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_presence_pooling_decides_how_the_head_reads_the_deepest_features(pooling: str) -> None:
+    """train.presence_pooling: the presence logit is the head's linear layer applied to the mean
+    (avg) or the largest value (max) of each channel of the encoder's deepest feature map."""
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(TINY, presence_pooling=pooling)).eval()
+    x = torch.randn(2, 1, 64, 64)
+    with torch.no_grad():
+        deepest = model.encoder(x)[-1]
+        pooled = deepest.amax(dim=(2, 3)) if pooling == "max" else deepest.mean(dim=(2, 3))
+        expected = model.classification_head[3](pooled).reshape(-1)
+        _, presence_logit = split_outputs(model(x))
+    assert torch.allclose(presence_logit, expected, atol=1e-5)
+    other = deepest.mean(dim=(2, 3)) if pooling == "max" else deepest.amax(dim=(2, 3))
+    assert not torch.allclose(presence_logit, model.classification_head[3](other).reshape(-1), atol=1e-3)
+
+
 def test_deep_supervision_adds_side_logits_in_training_and_leaves_the_model_as_it_was() -> None:
     """With train.deep_supervision the trained module returns the U-Net's own outputs plus one logit map per
     inner decoder block (finest first, the coarsest left out); the U-Net alone, which is saved and exported,

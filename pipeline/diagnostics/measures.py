@@ -212,7 +212,7 @@ def presence_attribution(model: torch.nn.Module, x: torch.Tensor, bottleneck: to
                          batch: int = 16) -> np.ndarray:
     """Per image and bottleneck channel, gradient x activation of the presence logit: (N, C).
 
-    With smp's presence head (average pool, then linear; dropout is off in eval) this is
+    With smp's presence head (average or max pool, then linear; dropout is off in eval) this is
     exact: the logit's change when that channel is zeroed (ablation), for every channel
     from one backward pass.
     """

@@ -31,8 +31,9 @@ from pipeline.data.io import atomic_path, write_text
 from pipeline.model.network import build_model, input_channels
 from pipeline.params import TrainParams, _build
 
-MODEL_KEYS = ("encoder", "encoder_depth", "decoder_channels", "encoder_weights", "presence_head", "norm", "height",
-              "width")
+MODEL_KEYS = ("encoder", "encoder_depth", "decoder_channels", "encoder_weights", "presence_head", "presence_pooling",
+              "norm", "height", "width")
+SINCE_ADDED = {"norm": "batch", "presence_pooling": "avg"}  # model keys older checkpoints lack: their value then
 REFUSED = "not a checkpoint this pipeline wrote, or it contains code (refused for safety)"
 
 
@@ -101,7 +102,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     state = read_checkpoint(path, map_location)
     if not {"model", "config", "norm"} <= set(state):
         raise CheckpointError(f"{path}: not a pipeline checkpoint (missing model/config/norm)")
-    config = {"norm": "batch", **state["config"]}  # checkpoints from before train.norm existed
+    config = {**SINCE_ADDED, **state["config"]}
     in_channels = config.pop("in_channels", 1)
     if expect is not None and config != {k: v for k, v in model_config(expect).items() if k != "in_channels"}:
         diff = {k: (config.get(k), v) for k, v in model_config(expect).items() if k in config and config[k] != v}

@@ -44,7 +44,7 @@ def build_model(t: TrainParams, in_channels: int = 1) -> torch.nn.Module:
     import segmentation_models_pytorch as smp
 
     check_encoder(t.encoder)
-    aux = dict(classes=1, dropout=0.2) if t.presence_head else None
+    aux = dict(classes=1, dropout=0.2, pooling=t.presence_pooling) if t.presence_head else None
     local = t.encoder_weights not in ("none", "imagenet")
     try:
         model = smp.Unet(encoder_name=t.encoder, encoder_depth=t.encoder_depth,
