@@ -181,46 +181,44 @@ def test_fold_files_never_trust_another_runs_progress(tmp_path) -> None:
     assert a.resume(2, log.append) is None and "best.pt: missing" in log[-1]
 
 
-def test_an_instance_norm_checkpoint_round_trips_and_is_refused_for_batch_norm(tmp_path) -> None:
-    t = dataclasses.replace(TINY, norm="instance")
+def _norm(model: torch.nn.Module) -> str | None:
+    kinds = {type(m) for m in model.modules()}
+    return "instance" if torch.nn.GroupNorm in kinds else "batch" if torch.nn.BatchNorm2d in kinds else None
+
+
+def _pooling(model: torch.nn.Module) -> str | None:
+    return {torch.nn.AdaptiveMaxPool2d: "max", torch.nn.AdaptiveAvgPool2d: "avg"}.get(type(model.classification_head[0]))
+
+
+# A model setting that is not a weight shape: its non-default value, and which value a loaded model has.
+SETTINGS = {"norm": ("instance", _norm), "presence_pooling": ("max", _pooling)}
+
+
+@pytest.mark.parametrize("key", sorted(SETTINGS))
+def test_a_non_default_model_setting_round_trips_and_is_refused_for_the_default(key: str, tmp_path) -> None:
+    """`train.norm: instance` and `train.presence_pooling: max` leave state-dict shapes alone (pooling has no
+    weights at all), so only the saved config keeps the checkpoint from loading as the default."""
+    value, shows = SETTINGS[key]
+    t = dataclasses.replace(TINY, **{key: value})
     torch.manual_seed(2)
     model = build_model(t).eval()
     save_checkpoint(tmp_path / "m.pt", model, t, NORM)
     loaded, _ = load_checkpoint(tmp_path / "m.pt", expect=t)
+    assert shows(loaded) == value
     x = torch.randn(2, 1, 64, 64)
     with torch.no_grad():
-        assert torch.equal(split_outputs(model(x))[0], split_outputs(loaded.eval()(x))[0])
-    with pytest.raises(CheckpointError, match="train.norm was 'instance', params say 'batch'"):
+        for want, got in zip(split_outputs(model(x)), split_outputs(loaded.eval()(x))):
+            assert torch.equal(want, got)
+    default = getattr(TINY, key)
+    with pytest.raises(CheckpointError, match=f"train.{key} was {value!r}, params say {default!r}"):
         load_checkpoint(tmp_path / "m.pt", expect=TINY)
 
 
-def test_a_checkpoint_from_before_train_norm_loads_as_batch_norm(tmp_path) -> None:
+@pytest.mark.parametrize("key", sorted(SETTINGS))
+def test_a_checkpoint_from_before_a_model_setting_loads_with_its_default(key: str, tmp_path) -> None:
     save_checkpoint(tmp_path / "m.pt", build_model(TINY), TINY, NORM)
     state = torch.load(tmp_path / "m.pt", weights_only=True)
-    del state["config"]["norm"]
+    del state["config"][key]
     torch.save(state, tmp_path / "old.pt")
     loaded, _ = load_checkpoint(tmp_path / "old.pt", expect=TINY)
-    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in loaded.modules())
-
-
-def test_a_max_pooled_presence_head_round_trips_and_is_refused_for_avg(tmp_path) -> None:
-    """The pooling has no weights, so only the saved config keeps a max-pooled head from loading as avg."""
-    t = dataclasses.replace(TINY, presence_pooling="max")
-    torch.manual_seed(2)
-    model = build_model(t).eval()
-    save_checkpoint(tmp_path / "m.pt", model, t, NORM)
-    loaded, _ = load_checkpoint(tmp_path / "m.pt", expect=t)
-    x = torch.randn(2, 1, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(split_outputs(model(x))[1], split_outputs(loaded.eval()(x))[1])
-    with pytest.raises(CheckpointError, match="train.presence_pooling was 'max', params say 'avg'"):
-        load_checkpoint(tmp_path / "m.pt", expect=TINY)
-
-
-def test_a_checkpoint_from_before_train_presence_pooling_loads_as_avg(tmp_path) -> None:
-    save_checkpoint(tmp_path / "m.pt", build_model(TINY), TINY, NORM)
-    state = torch.load(tmp_path / "m.pt", weights_only=True)
-    del state["config"]["presence_pooling"]
-    torch.save(state, tmp_path / "old.pt")
-    loaded, _ = load_checkpoint(tmp_path / "old.pt", expect=TINY)
-    assert isinstance(loaded.classification_head[0], torch.nn.AdaptiveAvgPool2d)
+    assert SETTINGS[key][1](loaded) == getattr(TINY, key)

@@ -3,7 +3,6 @@ hook-up, and that a checkpoint predicts the same in a fresh process (normalisati
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import subprocess
 import sys

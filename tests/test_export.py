@@ -1,6 +1,7 @@
 """Export stage: the bundle's contents, ONNX Runtime against PyTorch on a tiny trained model, refusals."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -15,6 +16,7 @@ from helpers import TINY_MODEL
 from pipeline.deploy import bundle as fmt
 from pipeline.deploy.resize import preprocess as np_preprocess
 from pipeline.model.checkpoints import CheckpointError
+from pipeline.model.network import build_model
 from pipeline.params import DataParams, Params
 from pipeline.stages import export
 
@@ -110,15 +112,22 @@ def test_refuses_an_unfinished_fold(tmp_path, tiny_folds):
         export.run(Params(), models=models, thresholds=tmp_path / "thresholds.json", out=tmp_path / "out")
 
 
+def _export_one(tmp_path, t, model) -> tuple[dict, onnx.ModelProto]:
+    """Export `model` (trained with `t`) as the one fold of a run: (the bundle's export check, the graph)."""
+    from helpers import NORM, mark_trained
+    from pipeline.model.checkpoints import save_checkpoint
+
+    save_checkpoint(tmp_path / "train" / "fold_0" / "best.pt", model.eval(), t, NORM)
+    mark_trained(tmp_path / "train")
+    (tmp_path / "thresholds.json").write_text(json.dumps(TINY_THRESHOLDS))
+    export.run(Params(), models=tmp_path / "train", thresholds=tmp_path / "thresholds.json", out=tmp_path / "out")
+    check = json.loads((tmp_path / "out" / "bundle.json").read_text())["export_check"]
+    return check, onnx.load(str(tmp_path / "out" / "model.onnx"))
+
+
 def test_an_instance_norm_model_exports_and_onnx_runtime_agrees(tmp_path):
     """`train.norm: instance` (per-image GroupNorm) goes through the exporter; export itself refuses a graph
     that differs from PyTorch beyond its tolerance, and records the differences it measured."""
-    import dataclasses
-
-    from helpers import NORM, mark_trained
-    from pipeline.model.checkpoints import save_checkpoint
-    from pipeline.model.network import build_model
-
     t = dataclasses.replace(TINY_MODEL, norm="instance")
     torch.manual_seed(0)
     model = build_model(t)
@@ -127,31 +136,15 @@ def test_an_instance_norm_model_exports_and_onnx_runtime_agrees(tmp_path):
             if isinstance(m, torch.nn.GroupNorm):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
-    save_checkpoint(tmp_path / "train" / "fold_0" / "best.pt", model.eval(), t, NORM)
-    mark_trained(tmp_path / "train")
-    (tmp_path / "thresholds.json").write_text(json.dumps(TINY_THRESHOLDS))
-    export.run(Params(), models=tmp_path / "train", thresholds=tmp_path / "thresholds.json", out=tmp_path / "out")
-    check = json.loads((tmp_path / "out" / "bundle.json").read_text())["export_check"]
+    check, graph = _export_one(tmp_path, t, model)
     assert check["max_abs_diff_mask"] <= GRAPH_TOLERANCE and check["probe_images"] >= 1
-    graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert not any(node.op_type == "BatchNormalization" for node in graph.graph.node)
 
 
 def test_a_max_pooled_presence_head_exports_and_onnx_runtime_agrees(tmp_path):
     """`train.presence_pooling: max` goes through the exporter, and the bundle's presence is the max-pooled one."""
-    import dataclasses
-
-    from helpers import NORM, mark_trained
-    from pipeline.model.checkpoints import save_checkpoint
-    from pipeline.model.network import build_model
-
     t = dataclasses.replace(TINY_MODEL, presence_pooling="max")
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "train" / "fold_0" / "best.pt", build_model(t).eval(), t, NORM)
-    mark_trained(tmp_path / "train")
-    (tmp_path / "thresholds.json").write_text(json.dumps(TINY_THRESHOLDS))
-    export.run(Params(), models=tmp_path / "train", thresholds=tmp_path / "thresholds.json", out=tmp_path / "out")
-    check = json.loads((tmp_path / "out" / "bundle.json").read_text())["export_check"]
+    check, graph = _export_one(tmp_path, t, build_model(t))
     assert check["max_abs_diff_presence"] <= GRAPH_TOLERANCE
-    graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert any(node.op_type in ("GlobalMaxPool", "ReduceMax") for node in graph.graph.node)
