@@ -46,6 +46,23 @@ def tiny_plan(tiny_interim: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def train_inputs(tiny_interim: Path, tiny_plan: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The train stage's inputs: the tiny interim data, a 'cleaned' manifest (all train rows), a saved
+    augmentation pipeline and the plan."""
+    from pipeline.data import artifacts
+    from pipeline.data.artifacts import read_manifest
+    from pipeline.model import transforms
+    from pipeline.params import AugmentParams
+
+    d = tmp_path_factory.mktemp("train_inputs")
+    manifest = read_manifest(tiny_interim)
+    manifest[manifest.split == "train"].to_csv(d / "manifest.csv", index=False)
+    artifacts.save_augmentation(transforms.build(AugmentParams(), seed=1), d / "augment.json")
+    return {"interim": tiny_interim, "manifest": d / "manifest.csv", "augment": d / "augment.json",
+            "plan": tiny_plan}
+
+
+@pytest.fixture(scope="session")
 def tiny_folds(tiny_interim: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`models/train` of two tiny folds (64x64, stretch; with folds.json and each fold's done.json, as train
     writes them), each trained two Adam steps on 8 images of the tiny dataset so weights and BatchNorm

@@ -16,10 +16,8 @@ import torch
 from torch import nn
 
 from helpers import TINY_TRAIN as TINY
-from pipeline.data import artifacts
 from pipeline.stages import train
 from pipeline.model import transforms
-from pipeline.data.artifacts import read_manifest
 from pipeline.diagnostics.figures import CAPTIONS, filter_grid
 from pipeline.diagnostics.measures import (TOP_CHANNELS, GradTracker, bottleneck_features, capture, dead_fractions,
                                     dead_overall, init_stds, pca_spectrum, presence_attribution, relu_alive,
@@ -27,7 +25,7 @@ from pipeline.diagnostics.measures import (TOP_CHANNELS, GradTracker, bottleneck
 from pipeline.diagnostics.rules import gradient_warnings, init_warnings, one_class, plateau_epochs
 from pipeline.diagnostics.monitor import Monitor
 from pipeline.model.network import build_model, preprocess, split_outputs
-from pipeline.params import AugmentParams, DiagnosticsParams, Params
+from pipeline.params import DiagnosticsParams, Params
 
 DIAG = DiagnosticsParams(subset=8)
 
@@ -249,26 +247,16 @@ def test_gradient_warnings_use_the_thresholds() -> None:
 
 # ---------------------------------------------------------------- the train stage with diagnostics
 
-@pytest.fixture(scope="module")
-def inputs(tiny_interim: Path, tiny_plan: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("diag_inputs")
-    manifest = read_manifest(tiny_interim)
-    manifest[manifest.split == "train"].to_csv(d / "manifest.csv", index=False)
-    artifacts.save_augmentation(transforms.build(AugmentParams(), seed=1), d / "augment.json")
-    return {"interim": tiny_interim, "manifest": d / "manifest.csv", "augment": d / "augment.json",
-            "plan": tiny_plan}
-
-
-def _run(out: Path, inputs: dict[str, Path], d: DiagnosticsParams = DIAG) -> dict:
-    return train.run(Params(seed=5, train=TINY, diagnostics=d), interim=inputs["interim"], manifest=inputs["manifest"],
-                     augment=inputs["augment"], plan=inputs["plan"], models=out / "models", oof=out / "oof",
-                     reports=out / "reports")
+def _run(out: Path, train_inputs: dict[str, Path], d: DiagnosticsParams = DIAG) -> dict:
+    return train.run(Params(seed=5, train=TINY, diagnostics=d), interim=train_inputs["interim"],
+                     manifest=train_inputs["manifest"], augment=train_inputs["augment"], plan=train_inputs["plan"],
+                     models=out / "models", oof=out / "oof", reports=out / "reports")
 
 
 @pytest.fixture(scope="module")
-def trained(inputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained(train_inputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("diag_trained")
-    _run(out, inputs)
+    _run(out, train_inputs)
     return out
 
 
@@ -291,9 +279,9 @@ def test_train_writes_diagnostics_and_logs_them_per_epoch(trained: Path) -> None
     assert metrics["fold_0"]["diagnostic_warnings"] == len(result["warnings"])
 
 
-def test_diagnostics_do_not_change_the_trained_weights(inputs, trained, tmp_path, monkeypatch) -> None:
+def test_diagnostics_do_not_change_the_trained_weights(train_inputs, trained, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(train.diagnostics, "Monitor", lambda *args: None)  # training without any diagnostics
-    _run(tmp_path, inputs)
+    _run(tmp_path, train_inputs)
     on, off = (torch.load(d / "models" / "fold_0" / "best.pt", weights_only=True) for d in (trained, tmp_path))
     assert on["epoch"] == off["epoch"]
     for key, value in on["model"].items():
@@ -304,11 +292,11 @@ def test_diagnostics_do_not_change_the_trained_weights(inputs, trained, tmp_path
     assert losses[0] == losses[1]  # every epoch trained the same, the last one too
 
 
-def test_diagnostics_params_do_not_force_retraining(inputs, trained, tmp_path, capsys) -> None:
+def test_diagnostics_params_do_not_force_retraining(train_inputs, trained, tmp_path, capsys) -> None:
     import shutil
 
     shutil.copytree(trained / "models", tmp_path / "models")
-    _run(tmp_path, inputs, DiagnosticsParams(enabled=False, subset=4, patience=1, grad_vanish=1.0))
+    _run(tmp_path, train_inputs, DiagnosticsParams(enabled=False, subset=4, patience=1, grad_vanish=1.0))
     err = capsys.readouterr().err
     assert f"resuming after epoch {TINY.epochs} of {TINY.epochs}" in err and "starting this fold over" not in err
     result = json.loads((tmp_path / "reports" / "diagnostics" / "fold_0.json").read_text())
@@ -365,13 +353,14 @@ FRESH = textwrap.dedent("""
 """)
 
 
-def test_a_checkpoint_predicts_the_same_in_a_fresh_process_without_the_training_data(trained, inputs, tmp_path) -> None:
+def test_a_checkpoint_predicts_the_same_in_a_fresh_process_without_the_training_data(trained, train_inputs,
+                                                                                   tmp_path) -> None:
     """The fresh process gets only best.pt and the raw uint8 images; it must reproduce the
     validation probabilities the training process wrote to oof.npz, so the normalisation
     is the checkpoint's, not something recomputed from training data."""
     oof = np.load(trained / "oof" / "oof.npz")
-    manifest = pd.read_csv(inputs["manifest"], dtype={"id": str}).set_index("id")
-    images = np.load(inputs["interim"] / "train_images.npy")[manifest.loc[oof["ids"], "row"].to_numpy()]
+    manifest = pd.read_csv(train_inputs["manifest"], dtype={"id": str}).set_index("id")
+    images = np.load(train_inputs["interim"] / "train_images.npy")[manifest.loc[oof["ids"], "row"].to_numpy()]
     alone = tmp_path / "alone"
     alone.mkdir()
     np.save(alone / "images.npy", images)

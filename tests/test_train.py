@@ -14,29 +14,15 @@ import torch
 from typer.testing import CliRunner
 
 from helpers import TINY_TRAIN as TINY
-from pipeline.data import artifacts
 from pipeline.stages import train
-from pipeline.model import transforms
 from pipeline.cli import app
-from pipeline.data.artifacts import read_manifest
-from pipeline.params import AugmentParams, Params, TrainParams
+from pipeline.params import Params, TrainParams
 
 
-@pytest.fixture(scope="module")
-def inputs(tiny_interim: Path, tiny_plan: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The tiny interim data, a 'cleaned' manifest (all train rows) and a saved augmentation pipeline."""
-    d = tmp_path_factory.mktemp("train_inputs")
-    manifest = read_manifest(tiny_interim)
-    manifest[manifest.split == "train"].to_csv(d / "manifest.csv", index=False)
-    artifacts.save_augmentation(transforms.build(AugmentParams(), seed=1), d / "augment.json")
-    return {"interim": tiny_interim, "manifest": d / "manifest.csv", "augment": d / "augment.json",
-            "plan": tiny_plan}
-
-
-def _run(t: TrainParams, inputs: dict[str, Path], out: Path, manifest: Path | None = None) -> dict:
-    return train.run(Params(seed=5, train=t), interim=inputs["interim"], manifest=manifest or inputs["manifest"],
-                     augment=inputs["augment"], plan=inputs["plan"], models=out / "models", oof=out / "oof",
-                     reports=out / "reports")
+def _run(t: TrainParams, train_inputs: dict[str, Path], out: Path, manifest: Path | None = None) -> dict:
+    return train.run(Params(seed=5, train=t), interim=train_inputs["interim"],
+                     manifest=manifest or train_inputs["manifest"], augment=train_inputs["augment"],
+                     plan=train_inputs["plan"], models=out / "models", oof=out / "oof", reports=out / "reports")
 
 
 # ---------------------------------------------------------------- folds
@@ -124,13 +110,13 @@ def test_pixel_stats_are_exact() -> None:
 # ---------------------------------------------------------------- the stage
 
 @pytest.fixture(scope="module")
-def trained(inputs, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def trained(train_inputs, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """One uninterrupted tiny run, shared by the output checks and as the resume reference."""
     out = tmp_path_factory.mktemp("trained")
-    return out, _run(TINY, inputs, out)
+    return out, _run(TINY, train_inputs, out)
 
 
-def test_stage_writes_checkpoints_oof_and_dvclive_metrics(inputs, trained) -> None:
+def test_stage_writes_checkpoints_oof_and_dvclive_metrics(train_inputs, trained) -> None:
     out, summary = trained
     state = torch.load(out / "models" / "fold_0" / "best.pt", weights_only=True)  # plain data only
     assert state["config"]["encoder_depth"] == 3 and set(state["norm"]) == {"mean", "std"}
@@ -140,19 +126,19 @@ def test_stage_writes_checkpoints_oof_and_dvclive_metrics(inputs, trained) -> No
     n = len(oof["ids"])
     assert oof["mask_prob"].shape == (n, 64, 64) and oof["mask_prob"].dtype == np.float16
     assert oof["presence_prob"].shape == (n,) and oof["presence_prob"].dtype == np.float32
-    manifest = pd.read_csv(inputs["manifest"], dtype={"id": str})
+    manifest = pd.read_csv(train_inputs["manifest"], dtype={"id": str})
     val_subjects = set(manifest.set_index("id").loc[oof["ids"], "subject"])
     assert len(val_subjects) == 1 and n == (manifest.subject == next(iter(val_subjects))).sum()
     metrics = json.loads((out / "reports" / "metrics.json").read_text())
     assert {"dice", "empty_dice", "dice_gain", "presence_acc", "presence_auc"} <= set(metrics)
-    truth = np.load(inputs["interim"] / "train_masks.npy")[manifest.set_index("id").loc[oof["ids"], "row"]]
+    truth = np.load(train_inputs["interim"] / "train_masks.npy")[manifest.set_index("id").loc[oof["ids"], "row"]]
     assert metrics["empty_dice"] == pytest.approx((truth.reshape(n, -1).max(1) == 0).mean(), abs=1e-4)
     curve = (out / "reports" / "plots" / "metrics" / "fold_0" / "val_dice.tsv").read_text().splitlines()
     assert curve[0] == "step\tval_dice" and len(curve) == 1 + TINY.epochs
     assert summary["dice"] == metrics["dice"]
 
 
-def _interrupted_in_epoch_two(monkeypatch, t, inputs, out) -> None:
+def _interrupted_in_epoch_two(monkeypatch, t, train_inputs, out) -> None:
     """Run train with a KeyboardInterrupt in the second epoch, then put the real epoch back."""
     real, calls = train.train_epoch, []
 
@@ -164,16 +150,16 @@ def _interrupted_in_epoch_two(monkeypatch, t, inputs, out) -> None:
 
     monkeypatch.setattr(train, "train_epoch", killed_in_epoch_two)
     with pytest.raises(KeyboardInterrupt):
-        _run(t, inputs, out)
+        _run(t, train_inputs, out)
     monkeypatch.setattr(train, "train_epoch", real)
 
 
-def test_resume_after_interruption_ends_with_the_same_weights(inputs, trained, tmp_path, monkeypatch,
+def test_resume_after_interruption_ends_with_the_same_weights(train_inputs, trained, tmp_path, monkeypatch,
                                                               capsys) -> None:
-    _interrupted_in_epoch_two(monkeypatch, TINY, inputs, tmp_path)
+    _interrupted_in_epoch_two(monkeypatch, TINY, train_inputs, tmp_path)
     killed = torch.load(tmp_path / "models" / "fold_0" / "last.pt", weights_only=True)
     assert killed["epoch"] == 1 and {"optimizer", "scheduler", "rng"} <= set(killed)  # mid-fold: all to resume
-    _run(TINY, inputs, tmp_path)
+    _run(TINY, train_inputs, tmp_path)
     assert "resuming after epoch 1 of 2" in capsys.readouterr().err
     assert not (tmp_path / "models" / "fold_0" / "last.pt").exists()  # finished: removed
     whole = torch.load(trained[0] / "models" / "fold_0" / "best.pt", weights_only=True)
@@ -191,7 +177,7 @@ def test_resume_after_interruption_ends_with_the_same_weights(inputs, trained, t
     assert len(curve.splitlines()) == 1 + TINY.epochs  # the resumed run re-logs the epoch it did not train
 
 
-def test_ema_saves_the_average_and_resumes_to_the_same_weights(inputs, trained, tmp_path, monkeypatch) -> None:
+def test_ema_saves_the_average_and_resumes_to_the_same_weights(train_inputs, trained, tmp_path, monkeypatch) -> None:
     """With train.ema on, best.pt holds the weight average (not the trained weights), and a run killed
     after epoch 1 resumes with the average's state from last.pt, ending bit-identical."""
     t = dataclasses.replace(TINY, ema=0.9)
@@ -203,7 +189,7 @@ def test_ema_saves_the_average_and_resumes_to_the_same_weights(inputs, trained, 
         return loss
 
     monkeypatch.setattr(train, "train_epoch", keep_raw)
-    _run(t, inputs, tmp_path / "whole")
+    _run(t, train_inputs, tmp_path / "whole")
     whole = torch.load(tmp_path / "whole" / "models" / "fold_0" / "best.pt", weights_only=True)
     trained_then = raw[whole["epoch"] - 1]
     assert whole["model"].keys() == trained_then.keys()
@@ -211,10 +197,10 @@ def test_ema_saves_the_average_and_resumes_to_the_same_weights(inputs, trained, 
                if v.is_floating_point())  # the average, not the trained weights
 
     monkeypatch.setattr(train, "train_epoch", real)
-    _interrupted_in_epoch_two(monkeypatch, t, inputs, tmp_path / "cut")
+    _interrupted_in_epoch_two(monkeypatch, t, train_inputs, tmp_path / "cut")
     killed = torch.load(tmp_path / "cut" / "models" / "fold_0" / "last.pt", weights_only=True)
     assert killed["ema"]["updates"] > 0 and killed["ema"]["model"].keys() == killed["model"].keys()
-    _run(t, inputs, tmp_path / "cut")
+    _run(t, train_inputs, tmp_path / "cut")
     cut = torch.load(tmp_path / "cut" / "models" / "fold_0" / "best.pt", weights_only=True)
     assert cut["epoch"] == whole["epoch"]
     for key, value in whole["model"].items():
@@ -237,12 +223,12 @@ def test_finished_fold_keeps_only_best_and_a_small_marker(trained) -> None:
     assert (fold / "done.json").stat().st_size < 0.05 * weights
 
 
-def test_rerun_with_the_same_inputs_skips_the_finished_fold(inputs, trained, tmp_path, monkeypatch,
+def test_rerun_with_the_same_inputs_skips_the_finished_fold(train_inputs, trained, tmp_path, monkeypatch,
                                                             capsys) -> None:
     shutil.copytree(trained[0] / "models", tmp_path / "models")
     before = {p.name: p.read_bytes() for p in (tmp_path / "models" / "fold_0").iterdir()}
     monkeypatch.setattr(train, "train_epoch", lambda *a, **k: pytest.fail("a finished fold was trained again"))
-    summary = _run(TINY, inputs, tmp_path)
+    summary = _run(TINY, train_inputs, tmp_path)
     err = capsys.readouterr().err
     assert f"resuming after epoch {TINY.epochs} of {TINY.epochs}" in err and "starting this fold over" not in err
     assert {p.name: p.read_bytes() for p in (tmp_path / "models" / "fold_0").iterdir()} == before
@@ -251,20 +237,20 @@ def test_rerun_with_the_same_inputs_skips_the_finished_fold(inputs, trained, tmp
     assert np.array_equal(a["mask_prob"], b["mask_prob"])
 
 
-def test_unknown_encoder_is_one_clear_error_before_any_work(inputs, tmp_path) -> None:
+def test_unknown_encoder_is_one_clear_error_before_any_work(train_inputs, tmp_path) -> None:
     from pipeline.params import ParamsError
 
     with pytest.raises(ParamsError, match=r"train.encoder: unknown encoder 'resnet81'; did you mean resnet18"):
         train.run(Params(seed=5, train=dataclasses.replace(TINY, encoder="resnet81")), interim=tmp_path / "missing",
-                  manifest=tmp_path / "missing.csv", augment=inputs["augment"], plan=inputs["plan"],
+                  manifest=tmp_path / "missing.csv", augment=train_inputs["augment"], plan=train_inputs["plan"],
                   models=tmp_path / "models",
                   oof=tmp_path / "oof", reports=tmp_path / "reports")
     assert not (tmp_path / "models").exists()
 
 
-def test_changed_params_start_over_instead_of_resuming(inputs, trained, tmp_path, capsys) -> None:
+def test_changed_params_start_over_instead_of_resuming(train_inputs, trained, tmp_path, capsys) -> None:
     shutil.copytree(trained[0] / "models", tmp_path / "models")
-    _run(dataclasses.replace(TINY, lr=1e-3), inputs, tmp_path)
+    _run(dataclasses.replace(TINY, lr=1e-3), train_inputs, tmp_path)
     err = capsys.readouterr().err
     assert "other train params or inputs; starting this fold over" in err and "resuming" not in err
     done = [json.loads((d / "models" / "fold_0" / "done.json").read_text()) for d in (trained[0], tmp_path)]
@@ -272,54 +258,55 @@ def test_changed_params_start_over_instead_of_resuming(inputs, trained, tmp_path
     assert done[1]["history"][0]["lr"] != done[0]["history"][0]["lr"]  # trained again, at the new rate
 
 
-def test_non_finite_loss_stops_with_a_clear_error(inputs, tmp_path, monkeypatch) -> None:
+def test_non_finite_loss_stops_with_a_clear_error(train_inputs, tmp_path, monkeypatch) -> None:
     real = train.compute_loss
     monkeypatch.setattr(train, "compute_loss", lambda *a: real(*a) * float("nan"))
     with pytest.raises(train.TrainingError, match=r"fold 0 epoch 1/2: the loss became nan"):
-        _run(TINY, inputs, tmp_path)
+        _run(TINY, train_inputs, tmp_path)
 
 
-def test_cli_prints_training_errors_without_a_traceback(inputs, tmp_path) -> None:
-    manifest = pd.read_csv(inputs["manifest"], dtype={"id": str})
+def test_cli_prints_training_errors_without_a_traceback(train_inputs, tmp_path) -> None:
+    manifest = pd.read_csv(train_inputs["manifest"], dtype={"id": str})
     manifest[manifest.subject == manifest.subject.iloc[0]].to_csv(tmp_path / "one_subject.csv", index=False)
     params = tmp_path / "params.yaml"
     params.write_text("train:\n  folds: 3\n  train_folds: 1\n")
-    result = CliRunner().invoke(app, ["train", "--interim", str(inputs["interim"]), "--manifest",
-                                      str(tmp_path / "one_subject.csv"), "--augment", str(inputs["augment"]),
-                                      "--plan", str(inputs["plan"]), "--models", str(tmp_path / "m"), "--oof", str(tmp_path / "o"),
-                                      "--reports", str(tmp_path / "r"), "--params", str(params)])
+    result = CliRunner().invoke(app, ["train", "--interim", str(train_inputs["interim"]), "--manifest",
+                                      str(tmp_path / "one_subject.csv"), "--augment", str(train_inputs["augment"]),
+                                      "--plan", str(train_inputs["plan"]), "--models", str(tmp_path / "m"),
+                                      "--oof", str(tmp_path / "o"), "--reports", str(tmp_path / "r"),
+                                      "--params", str(params)])
     assert result.exit_code == 1
     assert "error: train.folds: 3 folds need at least 3 subjects, the data has 1" in result.output
     assert "Traceback" not in result.output
 
 
-def test_deep_supervision_trains_saves_the_plain_model_and_resumes_to_the_same_weights(inputs, tmp_path,
+def test_deep_supervision_trains_saves_the_plain_model_and_resumes_to_the_same_weights(train_inputs, tmp_path,
                                                                                       monkeypatch) -> None:
     """With train.deep_supervision the side heads train with the model and are kept in last.pt (a killed run
     resumes bit-identical), while best.pt holds only the U-Net, which loads into a plain model."""
     from pipeline.model.network import build_model
 
     t = dataclasses.replace(TINY, deep_supervision=True)
-    _run(t, inputs, tmp_path / "whole")
+    _run(t, train_inputs, tmp_path / "whole")
     whole = torch.load(tmp_path / "whole" / "models" / "fold_0" / "best.pt", weights_only=True)
     build_model(t).load_state_dict(whole["model"])  # strict: no side-head keys
-    _interrupted_in_epoch_two(monkeypatch, t, inputs, tmp_path / "cut")
+    _interrupted_in_epoch_two(monkeypatch, t, train_inputs, tmp_path / "cut")
     killed = torch.load(tmp_path / "cut" / "models" / "fold_0" / "last.pt", weights_only=True)
     assert any(k.startswith("heads.") for k in killed["model"])
-    _run(t, inputs, tmp_path / "cut")
+    _run(t, train_inputs, tmp_path / "cut")
     cut = torch.load(tmp_path / "cut" / "models" / "fold_0" / "best.pt", weights_only=True)
     assert cut["epoch"] == whole["epoch"] and cut["model"].keys() == whole["model"].keys()
     for key, value in whole["model"].items():
         assert torch.equal(value, cut["model"][key]), key
 
 
-def test_checkpoint_keeps_the_best_or_the_last_epoch_of_one_training(inputs, tmp_path) -> None:
+def test_checkpoint_keeps_the_best_or_the_last_epoch_of_one_training(train_inputs, tmp_path) -> None:
     """`train.checkpoint` picks which epoch's weights the fold keeps as best.pt, and nothing else: the two
     runs train alike (same history), best keeps the first epoch with the highest tuned validation Dice,
     last the final epoch."""
     kept = {}
     for choice in ("best", "last"):
-        _run(dataclasses.replace(TINY, epochs=3, checkpoint=choice), inputs, tmp_path / choice)
+        _run(dataclasses.replace(TINY, epochs=3, checkpoint=choice), train_inputs, tmp_path / choice)
         fold = tmp_path / choice / "models" / "fold_0"
         history = json.loads((fold / "done.json").read_text())["history"]
         kept[choice] = (torch.load(fold / "best.pt", weights_only=True)["epoch"], history)
