@@ -12,6 +12,16 @@ TINY_TRAIN = dataclasses.replace(TINY_MODEL, epochs=2, batch_size=8, folds=3, tr
 NORM = {"mean": 0.4, "std": 0.2}  # a checkpoint's input normalisation
 
 
+def run_train(params, inputs, out, manifest=None) -> dict:
+    """The train stage on the `train_inputs` fixture's files, writing models/, oof/ and reports/ under
+    `out`; `manifest` replaces the fixture's cleaned one."""
+    from pipeline.stages import train
+
+    return train.run(params, interim=inputs["interim"], manifest=manifest or inputs["manifest"],
+                     augment=inputs["augment"], plan=inputs["plan"], models=out / "models", oof=out / "oof",
+                     reports=out / "reports")
+
+
 def mark_trained(models, folds=None, run_hash: str = "hand-made") -> None:
     """Make hand-saved `fold_K/best.pt` checkpoints the last train run's, as predict requires: a
     done.json per fold and the models folder's folds.json (default: every fold_K there)."""

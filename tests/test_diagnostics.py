@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import TINY_TRAIN as TINY
+from helpers import TINY_TRAIN as TINY, run_train
 from pipeline.stages import train
 from pipeline.model import transforms
 from pipeline.diagnostics.figures import CAPTIONS, filter_grid
@@ -248,9 +248,7 @@ def test_gradient_warnings_use_the_thresholds() -> None:
 # ---------------------------------------------------------------- the train stage with diagnostics
 
 def _run(out: Path, train_inputs: dict[str, Path], d: DiagnosticsParams = DIAG) -> dict:
-    return train.run(Params(seed=5, train=TINY, diagnostics=d), interim=train_inputs["interim"],
-                     manifest=train_inputs["manifest"], augment=train_inputs["augment"], plan=train_inputs["plan"],
-                     models=out / "models", oof=out / "oof", reports=out / "reports")
+    return run_train(Params(seed=5, train=TINY, diagnostics=d), train_inputs, out)
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from helpers import TINY_TRAIN as TINY
+from helpers import TINY_TRAIN as TINY, run_train
 from pipeline.stages import train
 from pipeline.cli import app
 from pipeline.params import Params, TrainParams
 
 
 def _run(t: TrainParams, train_inputs: dict[str, Path], out: Path, manifest: Path | None = None) -> dict:
-    return train.run(Params(seed=5, train=t), interim=train_inputs["interim"],
-                     manifest=manifest or train_inputs["manifest"], augment=train_inputs["augment"],
-                     plan=train_inputs["plan"], models=out / "models", oof=out / "oof", reports=out / "reports")
+    return run_train(Params(seed=5, train=t), train_inputs, out, manifest)
 
 
 # ---------------------------------------------------------------- folds
