@@ -91,15 +91,31 @@ def test_a_capped_budget_is_said_before_training(tmp_path: Path, monkeypatch) ->
     fingerprint = tmp_path / "fingerprint.json"
     fingerprint.write_text(json.dumps({"median_height": 101, "median_width": 101, "one_image_per_group": True,
                                        "groups": 3_200, "images": 3_200, "sizes": []}))
-    monkeypatch.setattr(probe, "measure", lambda t, channels: SLOW)
+    monkeypatch.setattr(plan, "RECHECK_PAUSE", 0.0)
+    probes = []
+    monkeypatch.setattr(probe, "measure", lambda t, channels: probes.append(t) or SLOW)
     summary = plan.run(Params(), fingerprint=fingerprint, out=tmp_path / "plan.json")
     assert "train.max_minutes (60)" in summary["budget_capped"] and "76,800" in summary["budget_capped"]
-    assert json.loads((tmp_path / "plan.json").read_text())["estimate"]["budget_capped_from"] == 76_800
+    assert len(probes) == 1 + plan.RECHECKS and "timed 4 more times" in summary["probe"]  # slow every time
+    estimate = json.loads((tmp_path / "plan.json").read_text())["estimate"]
+    assert estimate["budget_capped_from"] == 76_800 and estimate["probe_rechecks"] == plan.RECHECKS
     minutes = Params(train=TrainParams(budget_minutes=30.0))  # asked for: a smaller budget, not a cap
     assert "budget_capped" not in plan.run(minutes, fingerprint=fingerprint, out=tmp_path / "plan.json")
     monkeypatch.setattr(probe, "measure", lambda t, channels: RATES)
     assert "budget_capped" not in plan.run(Params(), fingerprint=fingerprint, out=tmp_path / "plan.json")
     assert "budget_capped_from" not in json.loads((tmp_path / "plan.json").read_text())["estimate"]
+
+
+def test_a_slow_moment_during_the_probe_does_not_cap_the_budget(monkeypatch) -> None:
+    """Seen on USGRA-seg: a peer's preprocessing beside the probe timed steps 5x slower and the
+    plan halved the run's training; before a cap the probe runs again and the fastest rate counts."""
+    monkeypatch.setattr(plan, "RECHECK_PAUSE", 0.0)
+    rates = iter([SLOW, SLOW, RATES, SLOW, SLOW])  # a burst of load that passes by the second recheck
+    facts = {**FACTS, "images": 3_200}
+    resolved, estimate = plan.resolve(Params(), facts, CPU, lambda t: next(rates))
+    assert resolved.values["train.budget"] == 24 * 3_200 and "budget_capped_from" not in estimate
+    assert estimate["probe"]["train_seconds_per_image"] == RATES.train_seconds_per_image
+    assert estimate["probe_rechecks"] == plan.RECHECKS and next(rates, None) is None  # all four rechecks ran
 
 
 def test_the_estimate_adds_steps_validation_and_setup() -> None:
@@ -120,6 +136,7 @@ def test_resolve_times_the_resolved_network_and_keeps_explicit_values() -> None:
 
     p = Params(train=TrainParams(epochs=2))
     resolved, estimate = plan.resolve(p, FACTS, CPU, fake_probe)
+    assert len(seen) == 1 and "probe_rechecks" not in estimate  # no cap in sight: timed once
     assert (seen[0].height, seen[0].width, seen[0].batch_size) == (192, 256, 8)  # what it times is what trains
     assert resolved.values["train.epochs"] == 2 and "train.epochs" not in resolved.automatic
     assert "train.train_folds" in resolved.automatic and "train.budget" in resolved.automatic
