@@ -319,4 +319,6 @@ def test_training_time_sets_the_plans_estimate_against_the_actual_time() -> None
     assert "made no estimate" in report.training_time({"train_seconds": "soon"}, None)  # hand-edited: no traceback
     assert "capped" not in line
     capped = report.training_time({**estimate, "budget_capped_from": 76_800}, None)
-    assert "capped at train.max_minutes (76,800 image-steps uncapped)" in capped
+    assert "capped at train.max_minutes (76,800 image-steps uncapped)" in capped and "timed" not in capped
+    checked = report.training_time({**estimate, "budget_capped_from": 76_800, "probe_rechecks": 4}, None)
+    assert "(the probe timed 5 times before a cap, the fastest kept)" in checked

@@ -442,7 +442,8 @@ def write_plan(path: str | Path, plan: Plan, basis: dict[str, Any], estimate: di
     """`plan.json`: the values (flat dotted keys, so `dvc exp show` lists them), the automatic keys,
     the facts they were resolved from, and the estimated training time (`estimate`: train_seconds,
     image_steps, optimizer_steps_per_fold, the measured `probe` rates it came from, and
-    `budget_capped_from` when `train.max_minutes` cut the auto budget)."""
+    `budget_capped_from` when `train.max_minutes` cut the auto budget, `probe_rechecks` when the
+    probe was timed again before a cap)."""
     write_json(path, {"values": plan.values, "automatic": list(plan.automatic), "basis": basis,
                       "estimate": estimate})
 

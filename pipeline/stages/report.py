@@ -399,7 +399,9 @@ def training_time(estimate: dict[str, Any] | None, train: dict[str, Any] | None)
             + (f" (its probe trained {1 / rate:.1f} images/s on {probe.get('device', '?')}, "
                f"{probe.get('threads', '?')} threads)" if isinstance(rate, (int, float)) and rate > 0 else "")
             + (f", the auto budget capped at train.max_minutes ({estimate['budget_capped_from']:,} image-steps "
-               f"uncapped)" if isinstance(estimate.get("budget_capped_from"), int) else ""))
+               f"uncapped)" if isinstance(estimate.get("budget_capped_from"), int) else "")
+            + (f" (the probe timed {estimate['probe_rechecks'] + 1} times before a cap, the fastest kept)"
+               if isinstance(estimate.get("probe_rechecks"), int) else ""))
     actual = (train or {}).get("train_seconds")
     if not isinstance(actual, (int, float)) or actual <= 0:
         return line + "; no actual time yet (run the train stage)."
