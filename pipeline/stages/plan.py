@@ -112,9 +112,8 @@ def resolve(params: Params, facts: dict[str, Any], device: dict[str, Any],
     plan = Plan({**values, **{k: list(v) if isinstance(v, tuple) else v for k, v in explicit.items()}}, automatic)
     final = dataclasses.replace(sized, train_folds=plan.values["train.train_folds"], epochs=plan.values["train.epochs"])
     time_estimate = estimate(final, facts["images"], rates)
-    uncapped = BUDGET_PER_IMAGE * facts["images"]
-    if t.budget == "auto" and t.budget_minutes == 0 and plan.values["train.budget"] < uncapped:
-        time_estimate["budget_capped_from"] = uncapped  # the image-steps train.max_minutes cut
+    if caps(sized, facts["images"], rates):
+        time_estimate["budget_capped_from"] = BUDGET_PER_IMAGE * facts["images"]  # the image-steps train.max_minutes cut
     if rechecked:
         time_estimate["probe_rechecks"] = RECHECKS
     return plan, time_estimate
