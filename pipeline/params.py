@@ -289,8 +289,9 @@ class TuneParams:
         description="Candidates: drop 8-connected components smaller than this fraction of the image area. "
                     "Components off (no keep_largest, 0) is always a candidate and wins ties.")
     min_gain_se: Float = Field(
-        1.0, ge=0.0, description="Keep the untuned 0.5 / 0.5 / 0 unless the best candidate beats it on OOF Dice by "
-                                 "more than this many standard errors of the per-image difference (0: any gain).")
+        1.0, ge=0.0, description="Choose, of the candidates the best does not beat on OOF Dice by more than this many "
+                                 "standard errors of the per-image difference, the one nearest the untuned "
+                                 "0.5 / 0.5 / 0 (0: the best).")
 
 
 @dataclass(frozen=True, config=_CONFIG)

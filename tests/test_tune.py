@@ -349,6 +349,35 @@ def test_a_clear_gain_is_tuned() -> None:
     assert metrics["gain_over_default"] > metrics["gain_standard_error"] > 0
 
 
+def test_of_the_candidates_within_the_noise_of_the_best_the_nearest_the_defaults_is_chosen() -> None:
+    """Presence 0.4 clearly beats the untuned 0.5 (ten nerves at 0.45); 0.2 is the grid's best by one image of
+    30 (two nerves at 0.3 found, one empty frame at 0.3 given a blob), inside its standard error: the
+    one-standard-error rule takes 0.4, the candidate nearest the defaults that the best does not clearly beat."""
+    n = 30
+    prob = np.zeros((n, 32, 32), np.float32)
+    truth = np.zeros((n, 32, 32), np.uint8)
+    presence = np.full(n, 0.9, np.float32)
+    nerves = np.r_[0:12, 21:30]
+    truth[nerves, 8:18, 8:18] = 1
+    prob[nerves, 8:18, 8:18] = 0.9
+    presence[0:10] = 0.45
+    presence[10:12] = 0.3
+    presence[12] = 0.3
+    prob[12, 20:28, 20:28] = 0.9  # an empty frame with a confident blob, half-believed by the head
+    presence[13:21] = 0.01
+    p = TuneParams(pixel_thresholds=(0.5,), presence_thresholds=(0.2, 0.4, 0.5), min_areas=(0,),
+                   keep_largest=(False,), min_component_fractions=(0.0,))
+    grid, chosen, metrics = tune.search(prob, truth, np.arange(n), presence, p)
+    dice = dict(zip(grid.presence, grid.dice))
+    assert dice[0.2] == pytest.approx(29 / 30) and dice[0.4] == pytest.approx(28 / 30)
+    assert dice[0.5] == pytest.approx(18 / 30)
+    assert chosen.presence == 0.4 and metrics["tuned"] is True
+    assert metrics["dice_best"] == pytest.approx(28 / 30, abs=1e-5)
+    assert metrics["dice_grid_best"] == pytest.approx(29 / 30, abs=1e-5)
+    _, chosen, _ = tune.search(prob, truth, np.arange(n), presence, dataclasses.replace(p, min_gain_se=0.0))
+    assert chosen.presence == 0.2  # 0: the grid's best
+
+
 # ---------------------------------------------------------------- the presence gate goes only on clear evidence
 
 GATE_OR_NOT = TuneParams(pixel_thresholds=(0.5,), presence_thresholds=(0.0, 0.05, 0.5), min_areas=(0,),
