@@ -210,6 +210,12 @@ def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_
                                  presence[None, :, None, None], min_area[None, None, :, None])
         ungated[:, o] = grid_dice(inter[at, o, None], area[at, o, None], truth_area, presence_prob, 0.0,
                                   min_area[None, :, None])
+
+    def distance_from_defaults(px: np.ndarray, pr: np.ndarray, ma: np.ndarray) -> tuple[np.ndarray, ...]:
+        """`np.lexsort` keys (last = most significant) of the candidates at these pixel, presence and min-area
+        indices: presence, then pixel, closest to the untuned 0.5, then the smallest min area."""
+        return min_area[ma], np.abs(grid_pixel[px] - default.pixel), np.abs(presence[pr] - default.presence)
+
     def nearest_default_best(block: np.ndarray) -> tuple[int, ...]:
         """The best of `block` (pixel x [option x] presence x min area); ties go to the candidate nearest
         the untuned defaults: presence, then pixel, closest to 0.5, then the smallest min area. (The
@@ -217,8 +223,7 @@ def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_
         of the synthetic data that cost 0.04 test Dice, 0.944 against 0.982 with the gate kept.)"""
         tied = np.argwhere(block >= block.max() - 1e-12)
         p_axis, pr_axis, ma_axis = 0, block.ndim - 2, block.ndim - 1
-        key = np.lexsort((min_area[tied[:, ma_axis]], np.abs(grid_pixel[tied[:, p_axis]] - default.pixel),
-                          np.abs(presence[tied[:, pr_axis]] - default.presence)))
+        key = np.lexsort(distance_from_defaults(tied[:, p_axis], tied[:, pr_axis], tied[:, ma_axis]))
         return tuple(int(i) for i in tied[key[0]])
 
     def best_of(block: np.ndarray) -> tuple[int, int, int, int]:
@@ -235,18 +240,16 @@ def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_
         return image_dice(inter[at[b[0]], b[1]], area[at[b[0]], b[1]], truth_area, presence_prob, presence[b[2]],
                           min_area[b[3]])
 
-    def nearest_within_noise(best: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
-        """The one-standard-error rule: of the candidates the best does not clearly beat (`clearly_beats`),
-        the one nearest the untuned defaults: presence, then pixel, closest to 0.5, then the smallest min area,
-        then components off; gated or not as the best is. The untuned defaults themselves come first."""
-        best_images = images_at(best)
+    def nearest_within_noise(best: tuple[int, int, int, int], best_images: np.ndarray) -> tuple[int, int, int, int]:
+        """The one-standard-error rule: of the candidates the best (per-image Dice `best_images`) does not
+        clearly beat (`clearly_beats`), the one nearest the untuned defaults (`distance_from_defaults`, then
+        components off); gated or not as the best is. The untuned defaults themselves come first."""
         px, op, pr, ma = (a.ravel() for a in np.meshgrid(np.arange(len(grid_pixel)), np.arange(len(options)),
                                                          np.arange(len(presence)), np.arange(len(min_area)),
                                                          indexing="ij"))
         same_side = (presence[pr] > 0) == (presence[best[2]] > 0)
         px, op, pr, ma = px[same_side], op[same_side], pr[same_side], ma[same_side]
-        order = np.lexsort((op, min_area[ma], np.abs(grid_pixel[px] - default.pixel),
-                            np.abs(presence[pr] - default.presence)))
+        order = np.lexsort((op, *distance_from_defaults(px, pr, ma)))
         for start in range(0, len(order), 256):
             k = order[start:start + 256]
             images = image_dice(inter[at[px[k]], op[k]], area[at[px[k]], op[k]], truth_area, presence_prob,
@@ -266,9 +269,9 @@ def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_
     d = int(np.searchsorted(pixel, np.float32(default.pixel)))
     default_images = image_dice(inter[d, 0], area[d, 0], truth_area, presence_prob, np.float32(default.presence),
                                 default.min_area)
-    _, gain, se = clearly_beats(images_at(best), default_images, p.min_gain_se)
-    grid_best = best
-    best = nearest_within_noise(best)
+    grid_best, grid_best_images = best, images_at(best)
+    _, gain, se = clearly_beats(grid_best_images, default_images, p.min_gain_se)
+    best = nearest_within_noise(grid_best, grid_best_images)
     keep_largest, min_component = options[best[1]]
     chosen = Thresholds(pixel=round(float(grid_pixel[best[0]]), 6), presence=round(float(presence[best[2]]), 6),
                         min_area=int(min_area[best[3]]), keep_largest=keep_largest,
