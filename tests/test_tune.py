@@ -426,3 +426,22 @@ def test_a_low_gate_that_ties_gate_off_is_kept() -> None:
     _, chosen, metrics = tune.search(prob, truth, np.arange(40), presence,
                                      dataclasses.replace(GATE_OR_NOT, min_gain_se=0.0))
     assert chosen.presence == 0.05 and metrics["dice_best"] == 1.0
+
+
+def test_a_gate_off_best_within_the_noise_of_the_defaults_leaves_the_defaults() -> None:
+    """Gate-off clearly beats the best gate (0.05: three nerves at presence 0.01 it drops) but not the untuned
+    0.5, which trades ten doubtful nerves (presence 0.1) for nine empty frames with a blob at presence 0.1:
+    31/40 against 27/40, a paired gain of 0.100 with a standard error of 0.118. The defaults stay eligible
+    across the gate, so the one-standard-error rule keeps them."""
+    prob, truth, presence = _unsure_head(unsure_nerves=3, false_blobs=9, doubtful_nerves=10)
+    presence[20:29] = 0.1
+    grid, chosen, metrics = tune.search(prob, truth, np.arange(40), presence, GATE_OR_NOT)
+    dice = dict(zip(grid.presence, grid.dice))
+    assert (dice[0.0], dice[0.05], dice[0.5]) == pytest.approx((31 / 40, 28 / 40, 27 / 40))
+    assert tune.clearly_beats(np.r_[np.ones(3), np.zeros(37)], np.zeros(40), 1.0)[0]  # gate-off over 0.05
+    assert metrics["gain_over_default"] == pytest.approx(0.1, abs=1e-5)
+    assert metrics["gain_standard_error"] > 0.1
+    assert metrics["dice_grid_best"] == pytest.approx(31 / 40, abs=1e-5)
+    assert chosen == Thresholds() and metrics["tuned"] is False
+    _, chosen, _ = tune.search(prob, truth, np.arange(40), presence, dataclasses.replace(GATE_OR_NOT, min_gain_se=0.0))
+    assert chosen.presence == 0.0

@@ -243,12 +243,16 @@ def search(mask_prob: np.ndarray, truth: np.ndarray, rows: np.ndarray, presence_
     def nearest_within_noise(best: tuple[int, int, int, int], best_images: np.ndarray) -> tuple[int, int, int, int]:
         """The one-standard-error rule: of the candidates the best (per-image Dice `best_images`) does not
         clearly beat (`clearly_beats`), the one nearest the untuned defaults (`distance_from_defaults`, then
-        components off); gated or not as the best is. The untuned defaults themselves come first."""
+        components off); gated or not as the best is, except the untuned defaults themselves: they come first
+        on either side, so a gate-off best that does not clearly beat them leaves them in place."""
         px, op, pr, ma = (a.ravel() for a in np.meshgrid(np.arange(len(grid_pixel)), np.arange(len(options)),
                                                          np.arange(len(presence)), np.arange(len(min_area)),
                                                          indexing="ij"))
         same_side = (presence[pr] > 0) == (presence[best[2]] > 0)
-        px, op, pr, ma = px[same_side], op[same_side], pr[same_side], ma[same_side]
+        untuned = (np.isclose(grid_pixel[px], default.pixel) & np.isclose(presence[pr], default.presence)
+                   & (min_area[ma] == default.min_area) & (op == 0))
+        eligible = same_side | untuned
+        px, op, pr, ma = px[eligible], op[eligible], pr[eligible], ma[eligible]
         order = np.lexsort((op, *distance_from_defaults(px, pr, ma)))
         for start in range(0, len(order), 256):
             k = order[start:start + 256]
